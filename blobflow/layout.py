@@ -1,0 +1,210 @@
+"""OCI image layout: ``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``.
+
+Writes are atomic: a blob is written under a temporary name, fsynced, verified and renamed;
+``index.json`` is replaced last, so a layout only ever references complete, verified blobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from .errors import DigestMismatchError, LayoutError, ManifestError
+from .types import INDEX_TYPES, MEDIA_OCI_INDEX, Descriptor, Digest
+
+__all__ = ["REF_NAME", "BlobWriter", "Layout"]
+
+REF_NAME = "org.opencontainers.image.ref.name"
+_LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class BlobWriter:
+    """A blob being written at offsets into a temporary file; :meth:`commit` makes it visible."""
+
+    def __init__(self, final: Path, digest: Digest, size: int) -> None:
+        self.final = final
+        self.digest = digest
+        self.size = size
+        self.temp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial")
+        self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        if size:
+            os.ftruncate(self.fd, size)
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        """Blocking write; call from a worker thread for large buffers."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def commit(self, verified: Digest) -> None:
+        """fsync and rename; ``verified`` is the digest computed over the bytes written."""
+        if verified != self.digest:
+            self.abort()
+            raise DigestMismatchError(f"blob {self.digest.short}: received bytes have digest {verified.short}")
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.temp, self.final)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.temp.unlink(missing_ok=True)
+
+
+class Layout:
+    """An OCI image layout directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def open(cls, root: Path | str) -> Layout:
+        root = Path(root)
+        try:
+            marker = json.loads((root / "oci-layout").read_text())
+        except FileNotFoundError:
+            raise LayoutError(f"{root} is not an OCI image layout (no oci-layout file)") from None
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise LayoutError(f"{root}/oci-layout is unreadable: {type(e).__name__}") from None
+        if not isinstance(marker, dict) or "imageLayoutVersion" not in marker:
+            raise LayoutError(f"{root}/oci-layout has no imageLayoutVersion")
+        layout = cls(root)
+        layout.index()
+        return layout
+
+    @classmethod
+    def create(cls, root: Path | str) -> Layout:
+        """Open a layout, creating an empty one when ``root`` does not hold one yet."""
+        root = Path(root)
+        if (root / "oci-layout").exists():
+            return cls.open(root)
+        if root.exists() and not root.is_dir():
+            raise LayoutError(f"{root} exists and is not a directory")
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        _atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
+        if not (root / "index.json").exists():
+            _atomic_write(root / "index.json", _index_bytes([]))
+        return cls(root)
+
+    # -- reading ---------------------------------------------------------------------------
+    def index(self) -> dict[str, Any]:
+        path = self.root / "index.json"
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise LayoutError(f"{self.root} is not an OCI image layout (no index.json)") from None
+        except (OSError, ValueError) as e:
+            raise LayoutError(f"{path} is unreadable: {type(e).__name__}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("manifests", []), list):
+            raise LayoutError(f"{path} is not an OCI index")
+        return data
+
+    def images(self) -> list[Descriptor]:
+        try:
+            return [Descriptor.from_json(m) for m in self.index().get("manifests", [])]
+        except ManifestError as e:
+            raise LayoutError(f"{self.root}/index.json: {e}") from None
+
+    def resolve(self, tag: str | None) -> Descriptor:
+        """The image tagged ``tag``, or the only image when ``tag`` is None."""
+        images = self.images()
+        if tag is None:
+            if len(images) == 1:
+                return images[0]
+            if not images:
+                raise LayoutError(f"{self.root} holds no image")
+            names = sorted({(d.annotations or {}).get(REF_NAME, str(d.digest.short)) for d in images})
+            raise LayoutError(f"{self.root} holds {len(images)} images; choose one with --tag "
+                              f"({', '.join(names[:8])})")
+        for d in images:
+            if (d.annotations or {}).get(REF_NAME) == tag:
+                return d
+        names = sorted({(d.annotations or {}).get(REF_NAME, "") for d in images} - {""})
+        raise LayoutError(f"{self.root} has no image tagged {tag!r}" +
+                          (f" (tags: {', '.join(names[:8])})" if names else ""))
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex
+
+    def has_blob(self, desc: Descriptor) -> bool:
+        try:
+            return self.blob_path(desc.digest).stat().st_size == desc.size
+        except FileNotFoundError:
+            return False
+
+    def read_blob(self, desc: Descriptor, *, limit: int) -> bytes:
+        """A small blob (manifest, config), verified against its descriptor."""
+        if desc.size > limit:
+            raise ManifestError(f"{desc.digest.short} is {desc.size} bytes, over the {limit} byte limit")
+        try:
+            data = self.blob_path(desc.digest).read_bytes()
+        except FileNotFoundError:
+            raise LayoutError(f"{self.root}: blob {desc.digest} is missing") from None
+        if len(data) != desc.size or Digest.of(data) != desc.digest:
+            raise LayoutError(f"{self.root}: blob {desc.digest} is corrupt (digest or size mismatch)")
+        return data
+
+    # -- writing ---------------------------------------------------------------------------
+    def blob_writer(self, desc: Descriptor) -> BlobWriter:
+        path = self.blob_path(desc.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return BlobWriter(path, desc.digest, desc.size)
+
+    def write_blob(self, data: bytes, digest: Digest | None = None) -> Digest:
+        """Write a small blob atomically; ``digest``, when given, must match."""
+        actual = Digest.of(data)
+        if digest is not None and actual != digest:
+            raise DigestMismatchError(f"blob {digest.short}: bytes have digest {actual.short}")
+        path = self.blob_path(actual)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, data)
+        return actual
+
+    def set_tag(self, tag: str | None, desc: Descriptor) -> None:
+        """Point ``tag`` at ``desc`` in index.json (replacing that tag's old entry), atomically."""
+        current = self.index().get("manifests", [])
+        keep = [m for m in current if tag is None or (m.get("annotations") or {}).get(REF_NAME) != tag]
+        if tag is None:
+            keep = [m for m in keep if m.get("digest") != str(desc.digest)]
+        entry = desc.to_json()
+        entry.pop("platform", None)
+        if tag is not None:
+            entry["annotations"] = {**(desc.annotations or {}), REF_NAME: tag}
+        _atomic_write(self.root / "index.json", _index_bytes([*keep, entry]))
+
+
+def _index_bytes(manifests: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests},
+                      indent=2).encode()
+
+
+def is_index(media_type: str) -> bool:
+    return media_type in INDEX_TYPES

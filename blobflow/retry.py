@@ -1,0 +1,40 @@
+"""The one retry layer: around whole blob operations, never nested inside them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from .errors import BlobflowError
+from .progress import Event, Listener
+
+__all__ = ["backoff_delay", "with_retries"]
+
+T = TypeVar("T")
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float | None = None,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter; a registry's ``Retry-After`` is a floor."""
+    delay = rand() * min(cap, base * (2 ** attempt))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap * 6))
+    return delay
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], *, retries: int, base: float, cap: float,
+                       emit: Listener, what: str, digest: str = "") -> T:
+    """Run ``attempt`` until it succeeds, fails with a non-retryable error, or retries run out."""
+    n = 0
+    while True:
+        try:
+            return await attempt()
+        except BlobflowError as e:
+            if not e.retryable or n >= retries:
+                raise
+            delay = backoff_delay(n, base=base, cap=cap, retry_after=getattr(e, "retry_after", None))
+            emit(Event("retry", digest, target=what, detail=str(e), delay=delay))
+            n += 1
+            await asyncio.sleep(delay)

@@ -1,0 +1,139 @@
+"""The scheduler: owns every task of a job.
+
+Blob jobs are queued and started by a pure policy function (:func:`pick`) under a global
+concurrency limit; one job runs per key (single flight: two images sharing a layer move it once);
+a blob's parallel parts run through :meth:`Scheduler.parallel`, image-level work through
+:meth:`Scheduler.spawn`. Nothing else in blobflow creates tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = ["JobSpec", "Scheduler", "pick"]
+
+T = TypeVar("T")
+SMALL = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    key: Hashable
+    size: int
+    seq: int = 0
+
+    @property
+    def small(self) -> bool:
+        return self.size <= SMALL
+
+
+def pick(pending: Sequence[JobSpec], running: Sequence[JobSpec], concurrency: int) -> list[JobSpec]:
+    """Which pending jobs to start now.
+
+    Largest first, so the long transfers begin early and the tail is made of small ones; small
+    jobs (configs, tiny layers) go before large ones and one small job may always start even
+    when every slot is busy, so metadata is never starved behind multi-GB layers. Ties keep
+    submission order.
+    """
+    free = max(0, concurrency - len(running))
+    order = sorted(pending, key=lambda j: (not j.small, -j.size, j.seq))
+    chosen = order[:free]
+    if not chosen and order and order[0].small and not any(r.small for r in running):
+        chosen = [order[0]]
+    return chosen
+
+
+@dataclass(slots=True)
+class _Job:
+    spec: JobSpec
+    factory: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+    waiters: int = 1
+
+
+@dataclass
+class Scheduler:
+    concurrency: int
+    _tg: asyncio.TaskGroup | None = None
+    _pending: dict[Hashable, _Job] = field(default_factory=dict)
+    _running: dict[Hashable, _Job] = field(default_factory=dict)
+    _done: dict[Hashable, asyncio.Future[Any]] = field(default_factory=dict)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+
+    async def __aenter__(self) -> Scheduler:
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        assert self._tg is not None
+        try:
+            return await self._tg.__aexit__(*exc)
+        finally:
+            self._tg = None
+
+    def submit(self, key: Hashable, size: int, factory: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Queue a job; a second submit with the same key shares the first one's result."""
+        for table in (self._running, self._pending):
+            if key in table:
+                table[key].waiters += 1
+                return table[key].future
+        if key in self._done:
+            return self._done[key]
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending[key] = _Job(JobSpec(key, size, next(self._seq)), factory, fut)
+        self._dispatch()
+        return fut
+
+    def _dispatch(self) -> None:
+        assert self._tg is not None, "Scheduler used outside 'async with'"
+        specs = pick([j.spec for j in self._pending.values()], [j.spec for j in self._running.values()],
+                     self.concurrency)
+        for spec in specs:
+            job = self._pending.pop(spec.key)
+            self._running[spec.key] = job
+            self._tg.create_task(self._run(job))
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            result = await job.factory()
+        except asyncio.CancelledError:
+            job.future.cancel()
+            raise
+        except BaseException as e:  # delivered to every waiter; the task itself never fails
+            job.future.set_exception(e)
+        else:
+            job.future.set_result(result)
+        finally:
+            del self._running[job.spec.key]
+            if not job.future.cancelled() and job.future.exception() is None:
+                self._done[job.spec.key] = job.future
+            if self._tg is not None:
+                self._dispatch()
+
+    def spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        """Run image-level work (one image of a mirror) as a task of this job."""
+        assert self._tg is not None, "Scheduler used outside 'async with'"
+        return self._tg.create_task(_as_coro(coro))
+
+    async def parallel(self, factories: Sequence[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:
+        """Run a blob's parts, at most ``limit`` at once; the first failure cancels the rest."""
+        it = iter(enumerate(factories))
+        results: list[Any] = [None] * len(factories)
+
+        async def lane() -> None:
+            for i, f in it:
+                results[i] = await f()
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(limit, len(factories))):
+                tg.create_task(lane())
+        return results
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw

@@ -1,0 +1,84 @@
+"""Moving one blob between two ends: skip, mount, or transfer, under the one retry layer."""
+
+from __future__ import annotations
+
+from ..errors import BadInputError
+from ..progress import Event
+from ..retry import with_retries
+from ..types import Descriptor
+from .base import Context
+from .copy import registry_opener
+from .download import Download
+from .ends import End, FileEnd, LayoutEnd, RawManifest, RegistryEnd
+from .upload import Push, file_opener
+
+__all__ = ["Context", "End", "FileEnd", "LayoutEnd", "RawManifest", "RegistryEnd", "ensure_blob",
+           "make_transfer"]
+
+
+def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Download | Push:
+    """The mover for a pair of ends (regclient's scheme pairing)."""
+    if isinstance(src, RegistryEnd) and isinstance(dst, LayoutEnd | FileEnd):
+        return Download(ctx, src, dst, desc)
+    if isinstance(dst, RegistryEnd):
+        if isinstance(src, RegistryEnd):
+            return Push(ctx, dst, desc, registry_opener(ctx, src, desc))
+        return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.read_size))
+    raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
+
+
+async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> None:
+    """Make ``desc`` present at ``dst``.
+
+    One transfer per destination and digest (single flight): when several repositories of one
+    registry need the same blob, the first moves it and the others mount it from there.
+    """
+    landed = await ctx.scheduler.submit((dst.key, desc.digest), desc.size,
+                                        lambda: _place(ctx, src, dst, desc))
+    if landed != dst.location:
+        await ctx.scheduler.submit((dst.key, dst.location, desc.digest), 0,
+                                   lambda: _place(ctx, src, dst, desc))
+
+
+async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> str:
+    mover: Download | Push | None = None
+    digest = desc.digest.short
+
+    async def attempt() -> None:
+        nonlocal mover
+        if mover is None:  # a resumed attempt has state and must not ask again
+            if await dst.has_blob(desc):
+                ctx.emit(Event("skipped", digest, size=desc.size, target=str(dst)))
+                return
+            if isinstance(dst, RegistryEnd) and await _mount(ctx, src, dst, desc):
+                return
+            mover = make_transfer(ctx, src, dst, desc)
+            ctx.emit(Event("blob_start", digest, size=desc.size, target=str(dst)))
+        await mover.run()
+        ctx.emit(Event("blob_done", digest, size=desc.size, target=str(dst)))
+
+    cfg = ctx.config
+    try:
+        await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
+                           emit=ctx.emit, what=str(dst), digest=digest)
+    except BaseException:
+        ctx.emit(Event("failed", digest, size=desc.size, target=str(dst)))
+        raise
+    finally:
+        if mover is not None:
+            mover.close()
+    if isinstance(dst, RegistryEnd):
+        ctx.remember(dst.client.registry, desc.digest, dst.repository)
+    return dst.location
+
+
+async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool:
+    registry = dst.client.registry
+    candidates = list(ctx.locations.get((registry, desc.digest), []))
+    if isinstance(src, RegistryEnd) and src.client.registry == registry:
+        candidates.append(src.repository)
+    for repo in dict.fromkeys(candidates):
+        if repo != dst.repository and await dst.client.mount_blob(dst.repository, desc.digest, repo):
+            ctx.emit(Event("mounted", desc.digest.short, size=desc.size, target=str(dst), detail=repo))
+            return True
+    return False
