@@ -11,23 +11,27 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import EngineConfig
 from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError
 from .layout import Layout
 from .progress import Event, Listener, Stats
 from .registry import Credentials, RegistryPool
+from .retry import with_retries
 from .scheduler import Scheduler
-from .transfer import Context, End, FileEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
+from .transfer import Context, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
 from .types import Descriptor, Digest, Reference
 
 __all__ = ["Client", "ImageResult", "Platform", "Result"]
 
+T = TypeVar("T")
 GHCR_DESCRIPTION_MAX = 512
 GHCR_LICENSES_MAX = 256
 
@@ -123,10 +127,16 @@ class Client:
         ref = Reference.parse(image)
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
-        async with self._job() as ctx:
-            src = self._registry_end(ctx, ref)
-            dst = LayoutEnd(Layout.create(directory))
-            img = await _transfer_image(ctx, src, ref, dst, ref.tag, platform=plat)
+        created = not os.path.exists(directory)  # noqa: ASYNC240 - one stat, before any I/O starts
+        try:
+            async with self._job() as ctx:
+                src = self._registry_end(ctx, ref)
+                dst = LayoutEnd(Layout.create(directory))
+                img = await _transfer_image(ctx, src, ref, dst, ref.tag, platform=plat)
+        except BaseException:
+            if created:  # leave nothing that looks like a layout behind
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
         return self._result("pull", ctx, started, [img])
 
     async def push(self, directory: str | Path, image: str, *, tag: str | None = None,
@@ -208,7 +218,7 @@ def _hash_file(path: Path) -> tuple[Digest, int]:
     return Digest("sha256", h.hexdigest()), size
 
 
-async def _fetch_root(src: End, ref: Reference | str | None) -> RawManifest:
+async def _fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
     if isinstance(src, LayoutEnd):
         return await src.fetch_manifest(ref if isinstance(ref, str) or ref is None else ref.tag)
     assert isinstance(src, RegistryEnd) and isinstance(ref, Reference)
@@ -225,7 +235,7 @@ async def _fetch_root(src: End, ref: Reference | str | None) -> RawManifest:
         raise
 
 
-async def _collect(src: End, root: RawManifest, platform: Platform | None, depth: int = 0,
+async def _collect(src: ImageEnd, root: RawManifest, platform: Platform | None, depth: int = 0,
                    ) -> tuple[RawManifest, list[RawManifest]]:
     """The root to write (a single platform's manifest when one is chosen) and its image manifests."""
     if not root.is_index:
@@ -236,7 +246,7 @@ async def _collect(src: End, root: RawManifest, platform: Platform | None, depth
     if platform is not None:
         match = [c for c in children if platform.matches(c.platform)]
         if not match:
-            have = ", ".join(str(Platform(**{k: (c.platform or {}).get(k) for k in ("os", "architecture")}))
+            have = ", ".join(f"{(c.platform or {}).get('os')}/{(c.platform or {}).get('architecture')}"
                              for c in children if c.platform)
             raise NotFoundError(f"no {platform} image in index {root.digest.short} (has: {have or 'none'})")
         return await _collect(src, await src.fetch_child(match[0]), platform, depth + 1)
@@ -251,11 +261,11 @@ async def _collect(src: End, root: RawManifest, platform: Platform | None, depth
     return root, images
 
 
-async def _transfer_image(ctx: Context, src: End, src_ref: Reference | str | None, dst: End,
+async def _transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str | None, dst: ImageEnd,
                           tag: str | None, *, platform: Platform | None,
                           annotations: Mapping[str, str] | None = None) -> ImageResult:
-    root = await _fetch_root(src, src_ref)
-    root, manifests = await _collect(src, root, platform)
+    root = await _retrying(ctx, str(src), lambda: _fetch_root(src, src_ref))
+    root, manifests = await _retrying(ctx, str(src), lambda: _collect(src, root, platform))
     if annotations:
         root = _annotate(root, annotations)
     blobs: dict[Digest, Descriptor] = {}
@@ -268,20 +278,26 @@ async def _transfer_image(ctx: Context, src: End, src_ref: Reference | str | Non
     tasks = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d)) for d in blobs.values()]
     if tasks:
         await asyncio.wait(tasks)
-        errors = [t.exception() for t in tasks if t.exception() is not None]
+        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
     written = 0
     for m in manifests:
         if m is not root:
-            await dst.store_manifest(m, None)
+            await _retrying(ctx, str(dst), lambda m=m: dst.store_manifest(m, None))  # type: ignore[misc]
             written += 1
-    await dst.store_manifest(root, tag)
+    await _retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
     if isinstance(dst, LayoutEnd):
         dst.set_tag(tag, root)
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
     return ImageResult(str(src_ref or src), f"{dst}:{tag}" if tag else str(dst), str(root.digest),
                        written + 1, len(blobs))
+
+
+async def _retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    cfg = ctx.config
+    return await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
+                              emit=ctx.emit, what=what)
 
 
 def _annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:

@@ -18,7 +18,7 @@ T = TypeVar("T")
 def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float | None = None,
                   rand: Callable[[], float] = random.random) -> float:
     """Exponential backoff with full jitter; a registry's ``Retry-After`` is a floor."""
-    delay = rand() * min(cap, base * (2 ** attempt))
+    delay: float = rand() * min(cap, base * (2.0 ** attempt))
     if retry_after is not None:
         delay = max(delay, min(retry_after, cap * 6))
     return delay

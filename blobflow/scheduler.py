@@ -69,12 +69,17 @@ class Scheduler:
         await self._tg.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
         assert self._tg is not None
+        tg, self._tg = self._tg, None
         try:
-            return await self._tg.__aexit__(*exc)
-        finally:
-            self._tg = None
+            await tg.__aexit__(et, exc, tb)
+        except BaseExceptionGroup as group:
+            # our tasks never fail (results and errors go to futures), so a group holds only the
+            # error of the body, or a cancellation: raise it as it was, not wrapped
+            if exc is not None and exc in group.exceptions:
+                raise exc from None
+            raise
 
     def submit(self, key: Hashable, size: int, factory: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
         """Queue a job; a second submit with the same key shares the first one's result."""
@@ -115,10 +120,25 @@ class Scheduler:
             if self._tg is not None:
                 self._dispatch()
 
-    def spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
-        """Run image-level work (one image of a mirror) as a task of this job."""
+    def spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:
+        """Run other work of this job (one image of a mirror) as a task; its outcome goes to the future,
+        so one failure does not cancel the rest of the job."""
         assert self._tg is not None, "Scheduler used outside 'async with'"
-        return self._tg.create_task(_as_coro(coro))
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
+            try:
+                result = await coro
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+
+        self._tg.create_task(run())
+        return fut
 
     async def parallel(self, factories: Sequence[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:
         """Run a blob's parts, at most ``limit`` at once; the first failure cancels the rest."""
@@ -133,7 +153,3 @@ class Scheduler:
             for _ in range(min(limit, len(factories))):
                 tg.create_task(lane())
         return results
-
-
-async def _as_coro(aw: Awaitable[T]) -> T:
-    return await aw

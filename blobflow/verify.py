@@ -71,9 +71,8 @@ class InOrderHasher:
                 _, end = heapq.heappop(self._ahead)
                 while self._frontier < end:
                     n = min(_READ_BACK, end - self._frontier)
-                    chunk = await asyncio.to_thread(self._read_back, self._frontier, n)
+                    await asyncio.to_thread(self._read_back, self._frontier, n)
                     self._frontier += n
-                    del chunk
         finally:
             self._busy = False
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import io
 import json
 import ssl
 import time
@@ -298,8 +299,9 @@ class RegistryClient:
             if auth:
                 hdrs["Authorization"] = auth
             self.requests += 1
+            body = io.BytesIO(data) if isinstance(data, bytes) and len(data) > 65536 else data
             with _mapped(what):
-                resp = await self.session.request(method, url, headers=hdrs, data=data,
+                resp = await self.session.request(method, url, headers=hdrs, data=body,
                                                   allow_redirects=allow_redirects)
             if resp.status != 401:
                 return resp

@@ -9,10 +9,10 @@ from ..types import Descriptor
 from .base import Context
 from .copy import registry_opener
 from .download import Download
-from .ends import End, FileEnd, LayoutEnd, RawManifest, RegistryEnd
+from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd
 from .upload import Push, file_opener
 
-__all__ = ["Context", "End", "FileEnd", "LayoutEnd", "RawManifest", "RegistryEnd", "ensure_blob",
+__all__ = ["Context", "End", "FileEnd", "ImageEnd", "LayoutEnd", "RawManifest", "RegistryEnd", "ensure_blob",
            "make_transfer"]
 
 

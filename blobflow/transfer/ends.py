@@ -142,7 +142,7 @@ class LayoutEnd:
     async def manifest_digest(self, reference: str) -> Digest | None:
         try:
             return self.layout.resolve(reference).digest
-        except Exception:  # noqa: BLE001 - a tag that is not there, in any form
+        except Exception:
             return None
 
     async def has_blob(self, desc: Descriptor) -> bool:
@@ -192,4 +192,5 @@ class FileEnd:
 
 
 End = RegistryEnd | LayoutEnd | FileEnd
+ImageEnd = RegistryEnd | LayoutEnd
 LocalEnd = LayoutEnd | FileEnd

@@ -27,6 +27,7 @@ from .ends import RegistryEnd
 __all__ = ["Opener", "Push", "file_opener"]
 
 Opener = Callable[[int], AsyncIterator[bytes]]
+_SESSION_LOST = frozenset({"BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"})
 
 
 def file_opener(path: Path, read_size: int) -> Opener:
@@ -58,7 +59,7 @@ class Push:
             try:
                 await client.upload_status(self.session)
             except RegistryError as e:
-                if not isinstance(e, NotFoundError) and e.code != "BLOB_UPLOAD_UNKNOWN":
+                if not isinstance(e, NotFoundError) and e.code not in _SESSION_LOST:
                     raise
                 self.session = None  # the session is gone: start a new one
         if self.session is None:
@@ -91,6 +92,13 @@ class Push:
                 await client.cancel_upload(up)
             self.session = None
             raise
+        except RegistryError as e:
+            if e.code not in _SESSION_LOST:
+                raise
+            # Distribution forgets a session whose PATCH was cut ("upload resumed at wrong
+            # offset"): start a new session on the next attempt
+            self.session = None
+            raise TransferError(f"{e}; starting a new upload session", retryable=True) from None
         finally:
             await out.aclose()
         self.session = None
