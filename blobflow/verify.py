@@ -62,6 +62,28 @@ class InOrderHasher:
             self._busy = False
         await self._drain()
 
+    async def put(self, offset: int, data: bytes, write_at: Callable[[int, bytes], None]) -> None:
+        """Write ``data`` at ``offset`` with ``write_at`` and hash it: one worker-thread hop for both
+        when the bytes are at the frontier (the common case), else write now and hash on read-back."""
+        end = offset + len(data)
+        if end > self.size:
+            raise DigestMismatchError(f"blob {self.digest.short}: more bytes than its size {self.size}")
+        if self._busy or offset != self._frontier:
+            await asyncio.to_thread(write_at, offset, data)
+            heapq.heappush(self._ahead, (offset, end))
+        else:
+            self._busy = True
+            try:
+                await asyncio.to_thread(self._write_and_hash, write_at, offset, data)
+                self._frontier = end
+            finally:
+                self._busy = False
+        await self._drain()
+
+    def _write_and_hash(self, write_at: Callable[[int, bytes], None], offset: int, data: bytes) -> None:
+        write_at(offset, data)
+        self._h.update(data)
+
     async def _drain(self) -> None:
         if self._busy:
             return

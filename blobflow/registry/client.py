@@ -155,15 +155,18 @@ class BlobStream:
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         """Chunks of about ``size`` bytes (the last may be shorter)."""
-        buf = bytearray()
+        pieces: list[bytes] = []
+        have = 0
         with _mapped(self.what):
             async for piece in self._resp.content.iter_any():
-                buf += piece
-                if len(buf) >= size:
-                    yield bytes(buf)
-                    buf.clear()
-        if buf:
-            yield bytes(buf)
+                pieces.append(piece)
+                have += len(piece)
+                if have >= size:
+                    yield b"".join(pieces)
+                    pieces.clear()
+                    have = 0
+        if pieces:
+            yield b"".join(pieces)
 
     async def __aenter__(self) -> BlobStream:
         return self

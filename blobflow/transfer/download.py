@@ -88,8 +88,7 @@ class Download:
                 if pos + len(chunk) > part.end:
                     raise DigestMismatchError(f"{stream.what}: more bytes than the descriptor's size "
                                               f"{self.desc.size}")
-                await asyncio.to_thread(self.writer.write_at, pos, chunk)
-                await self.hasher.add(pos, chunk)
+                await self.hasher.put(pos, chunk, self.writer.write_at)
                 pos += len(chunk)
                 self.ctx.emit(Event("bytes", digest, n=len(chunk)))
         finally:
