@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import EngineConfig
+from ..deadline import DeadlineTracker
 from ..progress import Event, Listener, Stats
 from ..registry import RegistryPool
 from ..scheduler import Scheduler
@@ -20,8 +21,13 @@ class Context:
     scheduler: Scheduler
     listener: Listener | None = None
     stats: Stats = field(default_factory=Stats)
+    deadlines: DeadlineTracker | None = None
     # repositories of each registry known to hold a blob: the sources of cross-repository mounts
     locations: dict[tuple[str, Digest], list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.deadlines is None:
+            self.deadlines = DeadlineTracker(self.config, emit=self.emit)
 
     def emit(self, ev: Event) -> None:
         self.stats.observe(ev)

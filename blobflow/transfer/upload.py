@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from ..deadline import UploadTicket
 from ..errors import BlobflowError, DigestMismatchError, NotFoundError, RegistryError, TransferError
 from ..plan import Strategy, choose_upload
 from ..progress import Event
@@ -50,6 +51,7 @@ class Push:
         self.ctx, self.dst, self.desc, self.opener = ctx, dst, desc, opener
         self.limits = ctx.config.limits(dst.client.registry)
         self.session: Upload | None = None
+        self.ticket: UploadTicket | None = None
         # hash state at read boundaries, so a resume from the registry's offset keeps one sha256
         self.snapshots: dict[int, Any] = {}
 
@@ -62,11 +64,18 @@ class Push:
                 if not isinstance(e, NotFoundError) and e.code not in _SESSION_LOST:
                     raise
                 self.session = None  # the session is gone: start a new one
+        if self.ticket is None:
+            assert self.ctx.deadlines is not None
+            self.ticket = await self.ctx.deadlines.admit(self.dst.client.registry, desc.digest, desc.size)
         if self.session is None:
             self.session = await client.start_upload(self.dst.repository)
+            self.ticket.session_started()
             self.snapshots = {0: desc.digest.hasher()}
         up = self.session
-        plan = choose_upload(desc.size, self.limits, chunk_size=self.ctx.config.chunk_size,
+        chunk_size = self.ctx.config.chunk_size
+        if self.ticket.chunk_limit is not None:
+            chunk_size = min(chunk_size or self.ticket.chunk_limit, self.ticket.chunk_limit)
+        plan = choose_upload(desc.size, self.limits, chunk_size=chunk_size,
                              monolithic_threshold=self.ctx.config.monolithic_threshold,
                              min_chunk=up.min_chunk)
         out = _Outgoing(self, up.offset)
@@ -105,6 +114,9 @@ class Push:
 
     def close(self) -> None:
         self.snapshots.clear()
+        if self.ticket is not None and self.ctx.deadlines is not None:
+            self.ctx.deadlines.release(self.ticket)
+            self.ticket = None
 
 
 class _Outgoing:
@@ -158,6 +170,8 @@ class _Outgoing:
                 return
             if len(chunk) > n:
                 chunk, self.tail = chunk[:n], chunk[n:]
+            if self.push.ticket is not None:
+                await self.push.ticket.pace(len(chunk))
             n -= len(chunk)
             self.sent += len(chunk)
             self.push.ctx.emit(Event("bytes", digest, n=len(chunk)))
