@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> EngineConfig:
     opts: dict[str, Any] = {}
-    for name in ("concurrency", "chunk_size", "part_size", "retries", "upload_window", "max_layer_size"):
+    for name in ("concurrency", "chunk_size", "part_size", "retries", "upload_window", "max_layer_size",
+                 "state_dir"):
         value = getattr(args, name, None)
         if value is not None:
             opts[name] = value
@@ -209,6 +211,8 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM (Kubernetes, CI cancellation) stops a job like Ctrl-C: state is saved, exit 130
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     render = _renderer(args)

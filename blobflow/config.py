@@ -105,6 +105,7 @@ class EngineConfig:
     ca_file: str | None = None
     max_layer_size: int | None = None
     upload_window: float | None = None
+    state_dir: str | None = None
     extra_limits: dict[str, RegistryLimits] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ Writes are atomic: a blob is written under a temporary name, fsynced, verified a
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import secrets
@@ -58,14 +59,34 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class BlobWriter:
     """A blob being written at offsets into a temporary file; :meth:`commit` makes it visible."""
 
-    def __init__(self, final: Path, digest: Digest, size: int) -> None:
+    def __init__(self, final: Path, digest: Digest, size: int, *, resumable: bool = False) -> None:
+        """With ``resumable``, the temporary file has a fixed name (``.<name>.partial``) that a later
+        run finds again; ``reused`` says whether it already held ``size`` bytes. A second writer of
+        the same blob at the same time (the file is locked) gets a private name instead."""
         self.final = final
         self.digest = digest
         self.size = size
-        self.temp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial")
-        self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        if size:
-            os.ftruncate(self.fd, size)
+        self.committed = False
+        self.reused = False
+        self.resumable = False
+        self.fd = -1
+        if resumable:
+            self.temp = final.with_name(f".{final.name}.partial")
+            fd = os.open(self.temp, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+            else:
+                self.fd, self.resumable = fd, True
+                self.reused = os.fstat(fd).st_size == size and size > 0
+        if self.fd < 0:
+            self.temp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial")
+            self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        if not self.reused:
+            os.ftruncate(self.fd, 0)
+            if size:
+                os.ftruncate(self.fd, size)
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Blocking write; call from a worker thread for large buffers.
@@ -89,15 +110,18 @@ class BlobWriter:
             self.abort()
             raise DigestMismatchError(f"blob {self.digest.short}: received bytes have digest {verified.short}")
         os.fsync(self.fd)
+        os.replace(self.temp, self.final)
         os.close(self.fd)
         self.fd = -1
-        os.replace(self.temp, self.final)
+        self.committed = True
 
-    def abort(self) -> None:
+    def abort(self, *, keep: bool = False) -> None:
+        """Close; remove the temporary file unless ``keep`` (a resumable one a journal describes)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.temp.unlink(missing_ok=True)
+        if not self.committed and not (keep and self.resumable):
+            self.temp.unlink(missing_ok=True)
 
 
 class Layout:
@@ -197,7 +221,7 @@ class Layout:
     def blob_writer(self, desc: Descriptor) -> BlobWriter:
         path = self.blob_path(desc.digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return BlobWriter(path, desc.digest, desc.size)
+        return BlobWriter(path, desc.digest, desc.size, resumable=True)
 
     def write_blob(self, data: bytes, digest: Digest | None = None) -> Digest:
         """Write a small blob atomically; ``digest``, when given, must match."""

@@ -24,15 +24,28 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
     return delay
 
 
+MAX_ATTEMPTS_FACTOR = 10
+
+
 async def with_retries(attempt: Callable[[], Awaitable[T]], *, retries: int, base: float, cap: float,
-                       emit: Listener, what: str, digest: str = "") -> T:
-    """Run ``attempt`` until it succeeds, fails with a non-retryable error, or retries run out."""
-    n = 0
+                       emit: Listener, what: str, digest: str = "",
+                       progress: Callable[[], int] | None = None) -> T:
+    """Run ``attempt`` until it succeeds, fails with a non-retryable error, or retries run out.
+
+    ``retries`` counts failures in a row without progress: an attempt that moved bytes before it
+    failed (``progress()`` grew) resets the count, so a long transfer over a flaky link is not
+    given up while it advances. The total is still capped at ``(retries + 1) * 10`` attempts.
+    """
+    n = total = 0
+    seen = progress() if progress else 0
     while True:
         try:
             return await attempt()
         except BlobflowError as e:
-            if not e.retryable or n >= retries:
+            total += 1
+            if progress is not None and (now := progress()) > seen:
+                seen, n = now, 0
+            if not e.retryable or n >= retries or total >= (retries + 1) * MAX_ATTEMPTS_FACTOR:
                 raise
             delay = backoff_delay(n, base=base, cap=cap, retry_after=getattr(e, "retry_after", None))
             emit(Event("retry", digest, target=what, detail=str(e), delay=delay))

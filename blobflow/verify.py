@@ -104,6 +104,10 @@ class InOrderHasher:
             raise DigestMismatchError(f"blob {self.digest.short}: short read-back at {offset}")
         self._h.update(data)
 
+    def mark_written(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` are already in storage (a resumed download): hash them on read-back."""
+        heapq.heappush(self._ahead, (start, end))
+
     def rewind(self) -> None:
         """Start over (the server ignored a Range and sent the blob from byte 0)."""
         self._h = self.digest.hasher()

@@ -23,7 +23,7 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
     if isinstance(dst, RegistryEnd):
         if isinstance(src, RegistryEnd):
             return Push(ctx, dst, desc, registry_opener(ctx, src, desc))
-        return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.read_size))
+        return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.read_size), local=True)
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
 
@@ -60,7 +60,8 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> str:
     cfg = ctx.config
     try:
         await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
-                           emit=ctx.emit, what=str(dst), digest=digest)
+                           emit=ctx.emit, what=str(dst), digest=digest,
+                           progress=lambda: mover.progress if mover is not None else 0)
     except BaseException:
         ctx.emit(Event("failed", digest, size=desc.size, target=str(dst)))
         raise

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..config import EngineConfig
 from ..deadline import DeadlineTracker
+from ..journal import Journal
 from ..progress import Event, Listener, Stats
 from ..registry import RegistryPool
 from ..scheduler import Scheduler
@@ -22,12 +23,14 @@ class Context:
     listener: Listener | None = None
     stats: Stats = field(default_factory=Stats)
     deadlines: DeadlineTracker | None = None
+    journal: Journal = field(init=False)
     # repositories of each registry known to hold a blob: the sources of cross-repository mounts
     locations: dict[tuple[str, Digest], list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.deadlines is None:
             self.deadlines = DeadlineTracker(self.config, emit=self.emit)
+        self.journal = Journal(self.config.state_dir)
 
     def emit(self, ev: Event) -> None:
         self.stats.observe(ev)

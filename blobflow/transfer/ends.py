@@ -188,7 +188,7 @@ class FileEnd:
         return self.path
 
     def blob_writer(self, desc: Descriptor) -> BlobWriter:
-        return BlobWriter(self.path, desc.digest, desc.size)
+        return BlobWriter(self.path, desc.digest, desc.size, resumable=True)
 
 
 End = RegistryEnd | LayoutEnd | FileEnd

@@ -20,6 +20,7 @@ from ..errors import BlobflowError, DigestMismatchError, NotFoundError, Registry
 from ..plan import Strategy, choose_upload
 from ..progress import Event
 from ..registry import Upload
+from ..retry import backoff_delay
 from ..types import Descriptor
 from ..verify import update_hash
 from .base import Context
@@ -47,11 +48,21 @@ def file_opener(path: Path, read_size: int) -> Opener:
 
 
 class Push:
-    def __init__(self, ctx: Context, dst: RegistryEnd, desc: Descriptor, opener: Opener) -> None:
+    def __init__(self, ctx: Context, dst: RegistryEnd, desc: Descriptor, opener: Opener, *,
+                 local: bool = False) -> None:
+        """``local``: the bytes come from a file, so a digest mismatch means the file is corrupt
+        (retrying cannot help); from another registry, a mismatch may be a transient corruption."""
         self.ctx, self.dst, self.desc, self.opener = ctx, dst, desc, opener
+        self.local = local
         self.limits = ctx.config.limits(dst.client.registry)
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
+        self._sent_total = 0
+        self.record = ctx.journal.upload(dst.client.registry, dst.repository, desc.digest, desc.size)
+        if self.record.warning:
+            ctx.emit(Event("info", desc.digest.short, detail=self.record.warning))
+        if self.record.location:  # a session from an earlier run: ask the registry where it stands
+            self.session = Upload(dst.repository, self.record.location, self.record.offset)
         # hash state at read boundaries, so a resume from the registry's offset keeps one sha256
         self.snapshots: dict[int, Any] = {}
 
@@ -60,10 +71,16 @@ class Push:
         if self.session is not None:
             try:
                 await client.upload_status(self.session)
+                if self.session.offset and not self.snapshots:
+                    self.ctx.emit(Event("info", desc.digest.short, n=self.session.offset, detail=(
+                        f"resuming upload of {desc.digest.short} at byte {self.session.offset:,}")))
             except RegistryError as e:
                 if not isinstance(e, NotFoundError) and e.code not in _SESSION_LOST:
                     raise
                 self.session = None  # the session is gone: start a new one
+                self.ctx.emit(Event("info", desc.digest.short, detail=(
+                    f"the registry no longer has the upload session of {desc.digest.short} ({e.code or e.status}); "
+                    "starting it again")))
         if self.ticket is None:
             assert self.ctx.deadlines is not None
             self.ticket = await self.ctx.deadlines.admit(self.dst.client.registry, desc.digest, desc.size)
@@ -72,6 +89,7 @@ class Push:
             self.ticket.session_started()
             self.snapshots = {0: desc.digest.hasher()}
         up = self.session
+        self._save()
         chunk_size = self.ctx.config.chunk_size
         if self.ticket.chunk_limit is not None:
             chunk_size = min(chunk_size or self.ticket.chunk_limit, self.ticket.chunk_limit)
@@ -88,6 +106,7 @@ class Push:
                 while up.offset < desc.size:
                     n = min(plan.chunk_size, desc.size - up.offset)
                     await client.upload_chunk(up, out.body(n), n)
+                    self._save()
                 out.check()
                 await client.finish_upload(up, desc.digest)
             else:
@@ -100,6 +119,7 @@ class Push:
             with contextlib.suppress(BlobflowError):
                 await client.cancel_upload(up)
             self.session = None
+            self.record.discard()
             raise
         except RegistryError as e:
             if e.code not in _SESSION_LOST:
@@ -107,10 +127,23 @@ class Push:
             # Distribution forgets a session whose PATCH was cut ("upload resumed at wrong
             # offset"): start a new session on the next attempt
             self.session = None
+            self.record.discard()
             raise TransferError(f"{e}; starting a new upload session", retryable=True) from None
         finally:
             await out.aclose()
         self.session = None
+        self.record.discard()
+
+    @property
+    def progress(self) -> int:
+        """The highest offset the registry confirmed or bytes sent on this blob (grows as it advances)."""
+        return self._sent_total
+
+    def _save(self) -> None:
+        """Journal the session and the offset the registry confirmed, for a later run."""
+        if self.session is not None:
+            self.record.location, self.record.offset = self.session.location, self.session.offset
+            self.record.save()
 
     def close(self) -> None:
         self.snapshots.clear()
@@ -136,6 +169,7 @@ class _Outgoing:
         self.skip = offset - at
         self.chunks = push.opener(at)
         self.tail = b""
+        self.source_failures = 0
 
     async def _next(self) -> bytes | None:
         if self.tail:
@@ -147,9 +181,14 @@ class _Outgoing:
                 chunk = await anext(self.chunks)
             except StopAsyncIteration:
                 return None
+            except BlobflowError as e:
+                # the source broke (a copy's GET was cut): reopen it where it stopped and keep the
+                # destination request going, so neither side starts over
+                await self._reopen(e)
+                continue
             if self.read_pos + len(chunk) > size:
                 raise DigestMismatchError(f"blob {digest}: source has more bytes than its size {size}",
-                                          retryable=True)
+                                          retryable=not self.push.local)
             await update_hash(self.h, chunk)
             self.read_pos += len(chunk)
             self.push.snapshots[self.read_pos] = self.h.copy()
@@ -160,6 +199,20 @@ class _Outgoing:
                 chunk = chunk[drop:]
             if chunk:
                 return chunk
+
+    async def _reopen(self, error: BlobflowError) -> None:
+        cfg = self.push.ctx.config
+        if not error.retryable or self.source_failures >= cfg.retries:
+            raise error
+        delay = backoff_delay(self.source_failures, base=cfg.backoff_base, cap=cfg.backoff_cap,
+                              retry_after=getattr(error, "retry_after", None))
+        self.source_failures += 1
+        self.push.ctx.emit(Event("retry", self.push.desc.digest.short, target="source", detail=str(error),
+                                 delay=delay))
+        await asyncio.sleep(delay)
+        with contextlib.suppress(BlobflowError):
+            await self.chunks.aclose()  # type: ignore[attr-defined]
+        self.chunks = self.push.opener(self.read_pos)
 
     async def body(self, n: int) -> AsyncIterator[bytes]:
         """The next ``n`` bytes (fewer if the source ends early)."""
@@ -174,6 +227,7 @@ class _Outgoing:
                 await self.push.ticket.pace(len(chunk))
             n -= len(chunk)
             self.sent += len(chunk)
+            self.push._sent_total += len(chunk)
             self.push.ctx.emit(Event("bytes", digest, n=len(chunk)))
             yield chunk
 
@@ -183,9 +237,9 @@ class _Outgoing:
             raise TransferError(f"blob {desc.digest.short}: source ended after {self.read_pos} of "
                                 f"{desc.size} bytes", retryable=True)
         if self.h.hexdigest() != desc.digest.hex:
-            raise DigestMismatchError(
-                f"blob {desc.digest.short}: source bytes do not match the digest; not committed",
-                retryable=True)
+            where = "the local file is corrupt" if self.push.local else "source bytes do not match the digest"
+            raise DigestMismatchError(f"blob {desc.digest}: {where}; not committed",
+                                      retryable=not self.push.local)
 
     async def aclose(self) -> None:
         await self.chunks.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,163 @@
+"""Resume state on disk, so a killed or interrupted job continues where it stopped.
+
+One small JSON file per blob in flight under the state dir (``--state-dir``, default
+``$XDG_STATE_HOME/blobflow``):
+
+- a download records its partial file and the byte ranges written to it, each with an xxh3-64 of
+  its bytes; a later run re-checks every range against the file before trusting it (the final
+  sha256 still covers every byte);
+- an upload records its session URL and the offset the registry confirmed; a later run asks the
+  registry for the offset (``GET`` on the session) and continues, or starts a new session.
+
+Records are replaced atomically (temp + rename). A record that does not parse, or that names
+another blob, size or file, is discarded with a warning, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .types import Digest
+
+__all__ = ["DownloadRecord", "Journal", "UploadRecord", "default_state_dir", "range_checksum"]
+
+_VERSION = 1
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "blobflow"
+
+
+def range_checksum(read_at: Any, start: int, end: int, *, piece: int = 8 << 20) -> str:
+    """xxh3-64 of ``[start, end)`` read with ``read_at(offset, n)``."""
+    h = xxhash.xxh3_64()
+    pos = start
+    while pos < end:
+        data = read_at(pos, min(piece, end - pos))
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h.hexdigest() if pos == end else ""
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+
+@dataclass
+class DownloadRecord:
+    """Ranges of a partial file known to hold the blob's bytes: ``(start, end, xxh3)``."""
+
+    file: Path
+    digest: str
+    size: int
+    partial: str
+    ranges: list[tuple[int, int, str]] = field(default_factory=list)
+    warning: str = ""
+
+    def save(self) -> None:
+        _write(self.file, {"version": _VERSION, "kind": "download", "digest": self.digest, "size": self.size,
+                           "partial": self.partial, "ranges": [list(r) for r in self.ranges]})
+
+    def discard(self) -> None:
+        self.file.unlink(missing_ok=True)
+
+
+@dataclass
+class UploadRecord:
+    """An upload session to continue: its URL and the offset the registry confirmed."""
+
+    file: Path
+    digest: str
+    size: int
+    location: str = ""
+    offset: int = 0
+    warning: str = ""
+
+    def save(self) -> None:
+        _write(self.file, {"version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
+                           "location": self.location, "offset": self.offset})
+
+    def discard(self) -> None:
+        self.file.unlink(missing_ok=True)
+
+
+class Journal:
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else default_state_dir()
+
+    def download(self, destination: Path, digest: Digest, size: int, partial: Path) -> DownloadRecord:
+        """The record for ``digest`` downloading to ``destination`` (empty when there is none)."""
+        file = self.root / "downloads" / f"{_key(str(destination.resolve()), str(digest))}.json"
+        fresh = DownloadRecord(file, str(digest), size, str(partial))
+        data, warning = _read(file)
+        if data is None:
+            fresh.warning = warning
+            return fresh
+        try:
+            ok = (data["kind"] == "download" and data["digest"] == str(digest) and data["size"] == size
+                  and data["partial"] == str(partial))
+            ranges = [(int(s), int(e), str(x)) for s, e, x in data["ranges"]]
+            ok = ok and all(0 <= s < e <= size for s, e, _ in ranges)
+        except (KeyError, TypeError, ValueError):
+            ok, ranges = False, []
+        if not ok:
+            file.unlink(missing_ok=True)
+            fresh.warning = f"discarded a resume record for {digest.short} that does not match this blob"
+            return fresh
+        fresh.ranges = ranges
+        return fresh
+
+    def upload(self, registry: str, repository: str, digest: Digest, size: int) -> UploadRecord:
+        file = self.root / "uploads" / f"{_key(registry, repository, str(digest))}.json"
+        fresh = UploadRecord(file, str(digest), size)
+        data, warning = _read(file)
+        if data is None:
+            fresh.warning = warning
+            return fresh
+        try:
+            ok = data["kind"] == "upload" and data["digest"] == str(digest) and data["size"] == size
+            location, offset = str(data["location"]), int(data["offset"])
+            ok = ok and location.startswith(("http://", "https://")) and 0 <= offset <= size
+        except (KeyError, TypeError, ValueError):
+            ok, location, offset = False, "", 0
+        if not ok:
+            file.unlink(missing_ok=True)
+            fresh.warning = f"discarded a resume record for {digest.short} that does not match this blob"
+            return fresh
+        fresh.location, fresh.offset = location, offset
+        return fresh
+
+
+def _read(file: Path) -> tuple[dict[str, Any] | None, str]:
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"cannot read resume record {file}: {e.strerror}"
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("version") != _VERSION:
+            raise ValueError("unknown version")
+    except ValueError:
+        file.unlink(missing_ok=True)
+        return None, f"discarded a corrupt resume record {file.name}"
+    return data, ""
+
+
+def _write(file: Path, data: dict[str, Any]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, file)
