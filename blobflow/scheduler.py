@@ -140,16 +140,38 @@ class Scheduler:
         self._tg.create_task(run())
         return fut
 
-    async def parallel(self, factories: Sequence[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:
-        """Run a blob's parts, at most ``limit`` at once; the first failure cancels the rest."""
+    async def parallel(self, factories: Sequence[Callable[[], Awaitable[T]]], *, limit: int,
+                       cancel_on_error: bool = True) -> list[T]:
+        """Run a blob's parts, at most ``limit`` at once.
+
+        By default the first failure cancels the rest. With ``cancel_on_error=False`` a failed lane
+        stops and the others finish their parts (what they fetched is kept, not thrown away with
+        the bytes in flight), then the first failure is raised.
+        """
         it = iter(enumerate(factories))
         results: list[Any] = [None] * len(factories)
+        errors: list[BaseException] = []
 
         async def lane() -> None:
             for i, f in it:
-                results[i] = await f()
+                if cancel_on_error:
+                    results[i] = await f()
+                    continue
+                try:
+                    results[i] = await f()
+                except Exception as e:
+                    errors.append(e)
+                    return
 
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(min(limit, len(factories))):
-                tg.create_task(lane())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(limit, len(factories))):
+                    tg.create_task(lane())
+        except BaseExceptionGroup as group:
+            # the first real failure, as itself: callers classify errors, not groups of them
+            first = next((e for e in group.exceptions if not isinstance(e, asyncio.CancelledError)),
+                         group.exceptions[0])
+            raise first from None
+        if errors:
+            raise errors[0]
         return results

@@ -79,7 +79,7 @@ class Download:
                 else:
                     factories: list[Callable[[], Awaitable[None]]] = [lambda: first_part]
                     factories += [self._part_factory(p) for p in parts[1:]]
-                    await self.ctx.scheduler.parallel(factories, limit=cfg.parts_per_blob)
+                    await self.ctx.scheduler.parallel(factories, limit=cfg.parts_per_blob, cancel_on_error=False)
         elif todo:
             async with await self.src.client.get_blob(self.src.repository, self.desc.digest) as stream:
                 self._restart()

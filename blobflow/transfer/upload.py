@@ -170,8 +170,19 @@ class _Outgoing:
         self.chunks = push.opener(at)
         self.tail = b""
         self.source_failures = 0
+        # aiohttp reads a request body in a task of its own that may still be inside _next when
+        # the request has already failed: closing the source waits for it to step out
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def _next(self) -> bytes | None:
+        self._idle.clear()
+        try:
+            return await self._read()
+        finally:
+            self._idle.set()
+
+    async def _read(self) -> bytes | None:
         if self.tail:
             chunk, self.tail = self.tail, b""
             return chunk
@@ -242,4 +253,7 @@ class _Outgoing:
                                       retryable=not self.push.local)
 
     async def aclose(self) -> None:
-        await self.chunks.aclose()  # type: ignore[attr-defined]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 10.0)
+        with contextlib.suppress(RuntimeError):  # still running: the loop's finaliser closes it
+            await self.chunks.aclose()  # type: ignore[attr-defined]
