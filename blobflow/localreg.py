@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,11 +23,12 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["LocalRegistry", "write_htpasswd"]
+__all__ = ["LocalRegistry", "TlsFiles", "TokenAuth", "write_htpasswd"]
 
 _MISSING = "docker-registry not found: install the Debian package docker-registry (make setup does it)"
 _ADDRESS_IN_USE = "address already in use"
@@ -34,8 +36,34 @@ _PORT_ATTEMPTS = 3
 _LOG_TAIL = 4000
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The registry serves HTTPS with this certificate chain and key (PEM files)."""
+
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """Distribution's ``auth: token``: clients get bearer tokens (JWTs) from ``realm``.
+
+    The registry accepts a token when its ``iss`` is ``issuer``, its ``aud`` is ``service``, and its
+    signing certificate (the JWT's ``x5c``) chains up to a certificate in ``rootcertbundle``.
+    """
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
 class LocalRegistry:
-    """A throwaway CNCF Distribution registry (the `docker-registry` binary) on 127.0.0.1."""
+    """A throwaway CNCF Distribution registry (the `docker-registry` binary) on 127.0.0.1.
+
+    Plain HTTP without auth by default; ``htpasswd`` adds basic auth, ``token_auth`` bearer tokens
+    from a token service (the two are exclusive), ``tls`` serves HTTPS.
+    """
 
     def __init__(
         self,
@@ -45,9 +73,15 @@ class LocalRegistry:
         port: int | None = None,
         binary: str = "docker-registry",
         log_level: str = "error",
+        tls: TlsFiles | None = None,
+        token_auth: TokenAuth | None = None,
     ) -> None:
+        if htpasswd is not None and token_auth is not None:
+            raise ValueError("a registry has one auth method: htpasswd or token_auth, not both")
         self.root = Path(root)
         self.htpasswd = htpasswd
+        self.tls = tls
+        self.token_auth = token_auth
         self.binary = binary
         self.log_level = log_level
         self.storage = self.root / "storage"
@@ -71,7 +105,7 @@ class LocalRegistry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def pid(self) -> int | None:
@@ -84,8 +118,14 @@ class LocalRegistry:
         executable = shutil.which(self.binary)
         if executable is None:
             raise RuntimeError(_MISSING)
-        if self.htpasswd is not None and not self.htpasswd.is_file():
-            raise FileNotFoundError(f"htpasswd file not found: {self.htpasswd}")
+        needed: list[tuple[str, Path | None]] = [("htpasswd file", self.htpasswd)]
+        if self.tls is not None:
+            needed += [("TLS certificate", self.tls.certificate), ("TLS key", self.tls.key)]
+        if self.token_auth is not None:
+            needed.append(("token rootcertbundle", self.token_auth.rootcertbundle))
+        for what, path in needed:
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"{what} not found: {path}")
         self.storage.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
@@ -166,11 +206,25 @@ class LocalRegistry:
         }
         if self.htpasswd is not None:
             config["auth"] = {"htpasswd": {"realm": "blobflow-test", "path": str(self.htpasswd.resolve())}}
+        if self.token_auth is not None:
+            t = self.token_auth
+            config["auth"] = {"token": {"realm": t.realm, "service": t.service, "issuer": t.issuer,
+                                        "rootcertbundle": str(t.rootcertbundle.resolve())}}
+        if self.tls is not None:
+            config["http"]["tls"] = {"certificate": str(self.tls.certificate.resolve()),
+                                     "key": str(self.tls.key.resolve())}
         return config
 
     def _wait_ready(self, deadline: float) -> None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore http_proxy
-        probe = f"http://127.0.0.1:{self.port}/v2/"
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # ignore http_proxy
+        if self.tls is not None:
+            # the probe only asks whether our own child answers yet; clients under test verify for real
+            unverified = ssl.create_default_context()
+            unverified.check_hostname = False
+            unverified.verify_mode = ssl.CERT_NONE
+            handlers.append(urllib.request.HTTPSHandler(context=unverified))
+        opener = urllib.request.build_opener(*handlers)
+        probe = f"{self.url}/v2/"
         while True:
             assert self._proc is not None
             code = self._proc.poll()

@@ -1,7 +1,8 @@
 """Talking to registries: the only package that imports aiohttp."""
 
-from .auth import Challenge, Credentials, load_credentials, parse_challenges
+from .auth import Challenge, parse_challenges
 from .client import MAX_MANIFEST, BlobStream, RegistryClient, RegistryPool, Upload, open_session
+from .credentials import Credentials, load_credentials, store_credentials
 
 __all__ = [
     "MAX_MANIFEST",
@@ -14,4 +15,5 @@ __all__ = [
     "load_credentials",
     "open_session",
     "parse_challenges",
+    "store_credentials",
 ]

@@ -1,23 +1,36 @@
-"""Authentication: challenges (RFC 7235), docker credentials, bearer tokens.
+"""Authentication: challenges (RFC 7235) and bearer tokens.
 
-Secrets live only in :class:`Credentials` and :class:`_Token`; their reprs hide them and no error
-message built here contains them.
+Secrets live only in :class:`Credentials`, :class:`_Token` and the docker config; their reprs hide
+them, and every error message that quotes a server's words goes through :meth:`Authenticator.redact`.
+
+Bearer flow (the distribution token spec): a 401 names a token service (``realm``, ``service``);
+the token is fetched with Basic credentials (``GET``), anonymously, or with an OAuth2 refresh token
+(docker's ``identitytoken``, ``POST grant_type=refresh_token``), for the scope the request needs
+(``repository:a:pull,push repository:b:pull``). Tokens are cached per scope and refreshed *before*
+a request once they come within a margin of expiry: a streamed upload body cannot be sent twice,
+so waiting for the 401 is too late.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
+import collections
 import json
-import os
-import subprocess
+import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
-from ..errors import AuthError, BadInputError
+import aiohttp
 
-__all__ = ["Challenge", "Credentials", "load_credentials", "parse_challenges"]
+from ..errors import AuthError
+from ._http import mapped, raise_for, read_error
+from .credentials import Credentials, redact_all
+
+__all__ = ["Authenticator", "Challenge", "parse_challenges", "parse_scope"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +46,9 @@ def _skip_ws(s: str, i: int) -> int:
 
 
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ/=:")
+
+
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 def parse_challenges(header: str) -> list[Challenge]:
@@ -62,6 +78,13 @@ def parse_challenges(header: str) -> list[Challenge]:
                 break
             # a new challenge starts with a token followed by space and not '='
             kstart = i
+            if not params:
+                m = _TOKEN68.match(s, i)
+                end = _skip_ws(s, m.end()) if m else i
+                if m and (end >= n or s[end] == ","):  # token68 ("Negotiate abc=="), kept as sent
+                    params[""] = m.group(0)
+                    i = end
+                    continue
             while i < n and s[i] not in " \t,=":
                 i += 1
             key = s[kstart:i]
@@ -88,7 +111,8 @@ def parse_challenges(header: str) -> list[Challenge]:
                 params[key.lower()] = value
                 i = _skip_ws(s, i)
                 if i < n and s[i] == ",":
-                    i += 1
+                    while i < n and s[i] in ", \t":  # empty list elements are ignored (RFC 9110 5.6.1)
+                        i += 1
                     continue
                 if i >= n:
                     break
@@ -105,90 +129,256 @@ def parse_challenges(header: str) -> list[Challenge]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
+# -- scopes and tokens ------------------------------------------------------------------------------
 
-    @property
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-    def __bool__(self) -> bool:
-        return bool(self.username or self.password or self.identity_token)
+Access = frozenset[tuple[str, str, str]]  # (resource type, name, action)
 
 
-def docker_config_path() -> Path:
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+def parse_scope(scope: str) -> Access:
+    """``repository:a:pull,push repository:b:pull`` -> {(repository, a, pull), (repository, a, push), ...}."""
+    out = set()
+    for item in scope.split():
+        kind, _, rest = item.partition(":")
+        name, _, actions = rest.rpartition(":")
+        for action in actions.split(","):
+            if kind and name and action:
+                out.add((kind, name, action))
+    return frozenset(out)
 
 
-def _config_keys(registry: str) -> list[str]:
-    keys = [registry, f"https://{registry}", f"http://{registry}"]
-    if registry == "docker.io":
-        keys += ["https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"]
-    return keys
-
-
-def load_credentials(registry: str, *, path: Path | None = None) -> Credentials:
-    """Credentials for ``registry`` from docker's config: ``credHelpers``, ``credsStore``, ``auths``."""
-    path = path or docker_config_path()
+def jwt_access(token: str) -> Access | None:
+    """What a JWT's ``access`` claim grants (Distribution's token format), read without verifying:
+    only to explain a refusal. None when the token is not such a JWT (tokens may be opaque)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
     try:
-        config: Any = json.loads(path.read_text())
-    except FileNotFoundError:
-        return Credentials()
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read docker config {path}: {type(e).__name__}") from None
-    if not isinstance(config, dict):
-        raise BadInputError(f"docker config {path} is not a JSON object")
-    keys = _config_keys(registry)
-    helpers = config.get("credHelpers") or {}
-    helper = next((helpers[k] for k in keys if k in helpers), None) or config.get("credsStore")
-    if helper:
-        creds = _from_helper(str(helper), registry)
-        if creds:
-            return creds
-    auths = config.get("auths") or {}
-    entry = next((auths[k] for k in keys if k in auths), None)
-    if not isinstance(entry, dict):
-        return Credentials()
-    user, pw = entry.get("username", ""), entry.get("password", "")
-    if entry.get("auth"):
-        try:
-            user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            raise BadInputError(f"docker config {path}: the auth entry for {registry} is not base64") from None
-    return Credentials(user, pw, entry.get("identitytoken", ""))
-
-
-def _from_helper(helper: str, registry: str) -> Credentials:
-    prog = f"docker-credential-{helper}"
-    server = "https://index.docker.io/v1/" if registry == "docker.io" else registry
-    try:
-        proc = subprocess.run([prog, "get"], input=server.encode(), capture_output=True, timeout=30, check=False)
-    except FileNotFoundError:
-        raise AuthError(f"credential helper {prog} configured for {registry} is not on PATH") from None
-    except subprocess.TimeoutExpired:
-        raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
-    if proc.returncode != 0:
-        return Credentials()  # "credentials not found in native keychain"
-    try:
-        data = json.loads(proc.stdout)
-        user, secret = str(data.get("Username", "")), str(data.get("Secret", ""))
-    except (ValueError, AttributeError):
-        raise AuthError(f"credential helper {prog} returned output that is not JSON") from None
-    if user == "<token>":
-        return Credentials(identity_token=secret)
-    return Credentials(user, secret)
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    access = claims.get("access") if isinstance(claims, dict) else None
+    if not isinstance(access, list):
+        return None
+    out = set()
+    for item in access:
+        if isinstance(item, dict) and isinstance(item.get("actions"), list):
+            for action in item["actions"]:
+                out.add((str(item.get("type", "")), str(item.get("name", "")), str(action)))
+    return frozenset(out)
 
 
 @dataclass(slots=True)
 class _Token:
     value: str = field(repr=False)
-    expires: float
+    expires: float  # monotonic
+    lifetime: float
+    access: Access = frozenset()  # what was asked for (the key it serves)
+
+    def fresh(self, now: float) -> bool:
+        """Usable for a request starting now: a quarter of its life, at most 10 s, is kept in reserve
+        for the request to reach the registry (and tokens of a few seconds still get used)."""
+        return now < self.expires - min(10.0, self.lifetime / 4)
+
+
+def _describe_missing(missing: Access) -> str:
+    by_resource: dict[tuple[str, str], list[str]] = {}
+    for kind, name, action in sorted(missing):
+        by_resource.setdefault((kind, name), []).append(action)
+    return "; ".join(f"{' and '.join(actions)} permission on {kind} {name}"
+                     for (kind, name), actions in by_resource.items())
+
+
+class Authenticator:
+    """How one registry wants requests authorized, and the bearer tokens obtained so far."""
+
+    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.session = session
+        self.registry = registry
+        self.credentials = credentials
+        self.challenge: Challenge | None = None
+        self.tokens_fetched = 0
+        self._tokens: dict[str, _Token] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._clock = clock
+        self._spent: collections.deque[str] = collections.deque(maxlen=64)  # refused: still secret
+
+    def __repr__(self) -> str:
+        scheme = self.challenge.scheme if self.challenge else "none"
+        return f"<Authenticator {self.registry} scheme={scheme} tokens={len(self._tokens)}>"
 
     @property
-    def fresh(self) -> bool:
-        return time.monotonic() < self.expires - 5.0
+    def _has_password(self) -> bool:
+        return bool(self.credentials.username or self.credentials.password)
+
+    @property
+    def who(self) -> str:
+        c = self.credentials
+        if c.identity_token:
+            return f"the identity token stored for {self.registry}"
+        return f"user '{c.username}'" if c.username else "anonymous access"
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret this registry's auth knows replaced by ``***``."""
+        c = self.credentials
+        secrets = [c.password, c.identity_token, *(t.value for t in self._tokens.values()), *self._spent]
+        if self._has_password:
+            secrets.append(c.basic.removeprefix("Basic "))
+        return redact_all(text, tuple(secrets))
+
+    async def authorization(self, scope: str, what: str) -> str | None:
+        """The ``Authorization`` value for a request that needs ``scope``, if the registry asked for
+        one. A bearer token missing or close to expiry is fetched first."""
+        ch = self.challenge
+        if ch is None:
+            return None
+        if ch.scheme == "basic":
+            return self.credentials.basic if self._has_password else None
+        token = self._cached(scope) or await self._refresh(scope, what, refused=None)
+        return f"Bearer {token.value}"
+
+    async def unauthorized(self, header: str, scope: str, sent: str | None, what: str) -> None:
+        """A 401 with ``header`` answered a request that carried ``sent``: learn the challenge and,
+        for bearer auth, get a new token (unless another request already replaced the refused one)."""
+        try:
+            challenges = parse_challenges(header)
+        except AuthError:
+            raise AuthError(f"{what}: the registry sent a malformed WWW-Authenticate challenge",
+                            status=401) from None
+        pick = next((c for c in challenges if c.scheme == "bearer"), None) or next(
+            (c for c in challenges if c.scheme == "basic"), None)
+        if pick is None:
+            raise AuthError(f"{what}: unsupported authentication scheme(s) "
+                            f"{', '.join(c.scheme for c in challenges) or '(none)'}", status=401)
+        if pick.scheme == "basic":
+            if sent is not None and sent.startswith("Basic "):
+                raise AuthError(f"{what}: {self.registry} rejected the credentials of {self.who}", status=401)
+            if not self._has_password:
+                raise AuthError(f"{what}: {self.registry} requires credentials and none are configured "
+                                f"(run `blobflow login {self.registry}`)", status=401)
+            self.challenge = pick
+            return
+        self.challenge = pick
+        refused = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
+        await self._refresh(scope, what, refused=refused)
+
+    @staticmethod
+    def _bearer(header: str) -> Challenge | None:
+        try:
+            return next((c for c in parse_challenges(header) if c.scheme == "bearer"), None)
+        except AuthError:
+            return None
+
+    def lacks_scope(self, header: str) -> bool:
+        """Whether a 401 says the token was valid but does not grant what the request needs."""
+        bearer = self._bearer(header)
+        return bearer is not None and bearer.params.get("error") == "insufficient_scope"
+
+    def denied(self, header: str, scope: str, sent: str | None, what: str) -> AuthError:
+        """The error for a request refused although its token is new: name what is missing."""
+        if sent is not None and sent.startswith("Basic "):
+            return AuthError(f"{what}: {self.registry} rejected the credentials of {self.who}", status=401,
+                             code="UNAUTHORIZED")
+        bearer = self._bearer(header)
+        error = bearer.params.get("error", "") if bearer else ""
+        if error == "insufficient_scope":
+            needed = parse_scope(bearer.params.get("scope", "") if bearer else "") or parse_scope(scope)
+            token = sent.removeprefix("Bearer ") if sent else ""
+            granted = jwt_access(token) if token else None
+            missing = needed - granted if granted is not None else needed
+            text = f"{what}: denied: {self.who} lacks {_describe_missing(missing or needed)}"
+            if not self.credentials:
+                text += f" (log in with `blobflow login {self.registry}` if the repository is private)"
+            elif any(action == "pull" for _, _, action in missing):
+                text += " (or the repository does not exist)"
+            return AuthError(text, status=401, code="DENIED")
+        if error == "invalid_token":
+            realm = bearer.params.get("realm", "") if bearer else ""
+            source = urlsplit(realm).netloc or "its token service"
+            return AuthError(f"{what}: the registry refused a new token from {source} as invalid "
+                             "(issuer, audience, signature or clock do not match)", status=401, code="UNAUTHORIZED")
+        return AuthError(f"{what}: {self.registry} still answers 401 after authentication as {self.who}",
+                         status=401, code="UNAUTHORIZED")
+
+    # -- the token cache -----------------------------------------------------------------------
+    def _cached(self, scope: str) -> _Token | None:
+        now = self._clock()
+        token = self._tokens.get(scope)
+        if token is not None and token.fresh(now):
+            return token
+        wanted = parse_scope(scope)
+        return next((t for t in self._tokens.values() if wanted <= t.access and t.fresh(now)), None)
+
+    async def _refresh(self, scope: str, what: str, *, refused: str | None) -> _Token:
+        async with self._locks.setdefault(scope, asyncio.Lock()):
+            if refused is not None:
+                self._spent.append(refused)
+                self._tokens = {k: t for k, t in self._tokens.items() if t.value != refused}
+            token = self._cached(scope)
+            if token is None:
+                token = await self._fetch(scope, what)
+                now = self._clock()
+                self._tokens = {k: t for k, t in self._tokens.items() if now < t.expires}
+                self._tokens[scope] = token
+            return token
+
+    async def _fetch(self, scope: str, what: str) -> _Token:
+        ch = self.challenge
+        realm = ch.params.get("realm", "") if ch else ""
+        if urlsplit(realm).scheme not in ("http", "https") or not urlsplit(realm).netloc:
+            raise AuthError(f"{what}: bearer challenge without a usable realm", status=401)
+        assert ch is not None
+        host = urlsplit(realm).netloc
+        service, scopes, creds = ch.params.get("service", ""), scope.split(), self.credentials
+        started = self._clock()
+        with mapped(f"{what}: token request to {host}"):
+            if creds.identity_token:  # OAuth2 refresh token
+                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                        "client_id": "blobflow"}
+                if service:
+                    form["service"] = service
+                if scopes:
+                    form["scope"] = " ".join(scopes)
+                request = self.session.post(realm, data=form, allow_redirects=False)
+            else:  # docker's GET, one scope parameter per resource
+                params = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
+                headers = {"Authorization": creds.basic} if self._has_password else {}
+                request = self.session.get(realm, params=params, headers=headers)
+            async with request as resp:
+                if resp.status in (401, 403):
+                    raise await self._token_refused(resp, scope, what, host)
+                if resp.status >= 400:
+                    await raise_for(resp, f"{what}: token request to {host}", redact=self.redact)
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError:
+                    raise AuthError(f"{what}: token service {host} answered with something that is not "
+                                    "JSON") from None
+        value = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
+        if not value or not isinstance(value, str):
+            raise AuthError(f"{what}: token service {host} answered without a token")
+        try:
+            lifetime = float(data.get("expires_in") or 60)
+        except (TypeError, ValueError):
+            lifetime = 60.0
+        lifetime = lifetime if lifetime > 0 else 60.0
+        rotated = data.get("refresh_token")
+        if creds.identity_token and isinstance(rotated, str) and rotated:
+            self._spent.append(creds.identity_token)
+            self.credentials = replace(creds, identity_token=rotated)
+        self.tokens_fetched += 1
+        return _Token(value, started + lifetime, lifetime, parse_scope(scope))
+
+    async def _token_refused(self, resp: aiohttp.ClientResponse, scope: str, what: str, host: str) -> AuthError:
+        _code, message, _detail = await read_error(resp)
+        said = f" ({self.redact(message)})" if message else ""
+        resp.release()
+        if resp.status == 401 and self.credentials:
+            again = f"; run `blobflow login {self.registry}` again" if self.credentials.identity_token else ""
+            return AuthError(f"{what}: token service {host} rejected the credentials of {self.who}{said}{again}",
+                             status=401, code="UNAUTHORIZED")
+        if resp.status == 401:
+            return AuthError(f"{what}: token service {host} refused anonymous access{said}; run "
+                             f"`blobflow login {self.registry}`", status=401, code="UNAUTHORIZED")
+        return AuthError(f"{what}: denied: token service {host} refused {self.who} the scope "
+                         f"'{scope or '(none)'}'{said}", status=403, code="DENIED")

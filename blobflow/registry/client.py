@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import io
 import json
-import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -25,106 +23,22 @@ from ..errors import (
     AuthError,
     BadInputError,
     BlobflowError,
-    ConnectError,
     DigestMismatchError,
     ManifestError,
-    NotFoundError,
     RegistryError,
-    TransferError,
 )
 from ..types import ALL_MANIFEST_TYPES, Descriptor, Digest
-from .auth import Challenge, Credentials, _Token, load_credentials, parse_challenges
+from ._http import mapped as _mapped
+from ._http import open_session, raise_for, read_body
+from .auth import Authenticator
+from .credentials import Credentials, load_credentials
 
 __all__ = ["MAX_MANIFEST", "BlobStream", "RegistryClient", "RegistryPool", "Upload", "open_session"]
 
 MAX_MANIFEST = 4 * 1024 * 1024
-_MAX_ERROR_BODY = 64 * 1024
+_MAX_TAG_LIST = 64 * 1024 * 1024  # one page of a repository with very many tags
 _ACCEPT = ", ".join(sorted(ALL_MANIFEST_TYPES))
-
-
-def open_session(*, connections_per_host: int, connect_timeout: float, read_timeout: float,
-                 ca_file: str | None = None, insecure: bool = False) -> aiohttp.ClientSession:
-    """One HTTP session for a whole job. No total timeout: multi-GB bodies must not be killed."""
-    ctx: ssl.SSLContext | bool
-    if insecure:
-        ctx = False
-    else:
-        ctx = ssl.create_default_context(cafile=ca_file)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=connections_per_host, ssl=ctx,
-                                     enable_cleanup_closed=False)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                 headers={"User-Agent": "blobflow/0.1"})
-
-
-@contextlib.contextmanager
-def _mapped(what: str) -> Iterator[None]:
-    """Translate aiohttp and socket errors into blobflow errors."""
-    try:
-        yield
-    except BlobflowError:
-        raise
-    except aiohttp.ClientConnectorCertificateError as e:
-        raise TransferError(f"{what}: TLS certificate verification failed ({e.certificate_error}); "
-                            "use --ca-file to trust its CA") from None
-    except aiohttp.ClientConnectorSSLError as e:
-        raise TransferError(f"{what}: TLS handshake failed ({e.os_error})") from None
-    except aiohttp.ClientConnectorError as e:
-        raise ConnectError(f"{what}: cannot connect to {e.host}:{e.port} ({e.os_error.strerror or e.os_error})",
-                           retryable=True) from None
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-            ConnectionError) as e:
-        raise TransferError(f"{what}: connection broken ({type(e).__name__}: {e})", retryable=True) from None
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise TransferError(f"{what}: timed out", retryable=True) from None
-    except aiohttp.InvalidURL as e:
-        raise RegistryError(f"{what}: registry sent an invalid URL ({e})") from None
-    except aiohttp.ClientResponseError as e:
-        raise RegistryError(f"{what}: {e.message}", status=e.status) from None
-    except aiohttp.ClientError as e:
-        raise TransferError(f"{what}: {type(e).__name__}: {e}", retryable=True) from None
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-async def _raise_for(resp: aiohttp.ClientResponse, what: str) -> None:
-    """Raise a typed error carrying the registry's code and message."""
-    body = b""
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-        body = await resp.content.read(_MAX_ERROR_BODY)
-    code, message, detail = "", "", ""
-    try:
-        errors = json.loads(body).get("errors") or []
-        if errors:
-            code = str(errors[0].get("code", ""))
-            message = str(errors[0].get("message", ""))
-            d = errors[0].get("detail")
-            detail = json.dumps(d)[:300] if d else ""
-    except (ValueError, AttributeError, TypeError):
-        pass
-    text = f"{what}: {resp.status} {code or resp.reason}" + (f": {message}" if message else "")
-    if detail and detail not in ("null", '""', "{}"):
-        text += f" ({detail})"
-    cls = RegistryError
-    if resp.status in (401, 403):
-        cls = AuthError
-    elif resp.status == 404:
-        cls = NotFoundError
-    err = cls(text, status=resp.status, code=code, detail=detail)
-    err.retry_after = _retry_after(resp.headers.get("Retry-After"))
-    resp.release()
-    raise err
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(slots=True)
@@ -184,15 +98,19 @@ class RegistryClient:
         self.session = session
         self.registry = registry
         self.endpoint = endpoint
-        self.credentials = credentials or Credentials()
+        self.auth = Authenticator(session, registry, credentials or Credentials())
         self._plain_http = plain_http
         self._loopback = loopback
         self._base: str | None = None
         self._base_lock = asyncio.Lock()
-        self._challenge: Challenge | None = None
-        self._tokens: dict[str, _Token] = {}
-        self._token_lock = asyncio.Lock()
         self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"<RegistryClient {self.registry} via {self.endpoint}>"
+
+    @property
+    def credentials(self) -> Credentials:
+        return self.auth.credentials
 
     # -- connection and auth -------------------------------------------------------------
     async def base(self) -> str:
@@ -224,81 +142,23 @@ class RegistryClient:
         except (TimeoutError, aiohttp.ClientError):
             return f"http://{self.endpoint}"
 
-    def _auth_header(self, scope: str) -> str | None:
-        ch = self._challenge
-        if ch is None:
-            return None
-        if ch.scheme == "basic":
-            return self.credentials.basic if self.credentials else None
-        tok = self._tokens.get(scope)
-        return f"Bearer {tok.value}" if tok and tok.fresh else None
-
-    async def _authenticate(self, header: str, scope: str, what: str) -> None:
-        try:
-            challenges = parse_challenges(header)
-        except AuthError:
-            raise AuthError(f"{what}: the registry sent a malformed WWW-Authenticate challenge",
-                            status=401) from None
-        pick = next((c for c in challenges if c.scheme == "bearer"), None) or next(
-            (c for c in challenges if c.scheme == "basic"), None)
-        if pick is None:
-            raise AuthError(f"{what}: unsupported authentication scheme(s) "
-                            f"{', '.join(c.scheme for c in challenges) or '(none)'}", status=401)
-        self._challenge = pick
-        if pick.scheme == "basic":
-            if not self.credentials:
-                raise AuthError(f"{what}: {self.registry} requires credentials and none are configured "
-                                f"(run `blobflow login {self.registry}`)", status=401)
-            return
-        async with self._token_lock:
-            tok = self._tokens.get(scope)
-            if tok is None or not tok.fresh:
-                self._tokens[scope] = await self._fetch_token(pick, scope, what)
-
-    async def _fetch_token(self, ch: Challenge, scope: str, what: str) -> _Token:
-        realm = ch.params.get("realm")
-        if not realm or urlsplit(realm).scheme not in ("http", "https"):
-            raise AuthError(f"{what}: bearer challenge without a usable realm", status=401)
-        params = {"service": ch.params.get("service", "")}
-        if scope:
-            params["scope"] = scope
-        headers = {}
-        creds = self.credentials
-        try:
-            with _mapped(f"token request to {urlsplit(realm).netloc}"):
-                if creds.identity_token:
-                    form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                            "service": params["service"], "client_id": "blobflow"}
-                    if scope:
-                        form["scope"] = scope
-                    req = self.session.post(realm, data=form)
-                else:
-                    if creds:
-                        headers["Authorization"] = creds.basic
-                    req = self.session.get(realm, params=params, headers=headers)
-                async with req as resp:
-                    if resp.status >= 400:
-                        await _raise_for(resp, f"{what}: token request")
-                    data = await resp.json(content_type=None)
-        except (ValueError, aiohttp.ContentTypeError):
-            raise AuthError(f"{what}: token endpoint answered with something that is not JSON") from None
-        value = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
-        if not value:
-            raise AuthError(f"{what}: token endpoint answered without a token")
-        expires_in = data.get("expires_in") or 60
-        try:
-            expires_in = max(10.0, float(expires_in))
-        except (TypeError, ValueError):
-            expires_in = 60.0
-        return _Token(str(value), time.monotonic() + expires_in)
+    async def _fail(self, resp: aiohttp.ClientResponse, what: str) -> None:
+        """Raise the registry's error, with any secret it might echo redacted."""
+        await raise_for(resp, what, redact=self.auth.redact)
 
     async def _send(self, method: str, url: str, *, scope: str, what: str,
                     headers: dict[str, str] | None = None, data: Any = None,
                     replayable: bool = True, allow_redirects: bool = True) -> aiohttp.ClientResponse:
-        """One request with auth; on 401 authenticate and retry once (only when the body can be replayed)."""
+        """One request with auth; on 401 authenticate and retry once.
+
+        Authorization goes only to the registry's own host. A body that cannot be replayed (a
+        streamed PATCH) is not sent again after a 401: the error is retryable, and the upload
+        resumes from the offset the registry has, with the new token.
+        """
+        own_host = urlsplit(url).netloc == urlsplit(await self.base()).netloc
         for attempt in (0, 1):
             hdrs = dict(headers or {})
-            auth = self._auth_header(scope)
+            auth = await self.auth.authorization(scope, what) if own_host else None
             if auth:
                 hdrs["Authorization"] = auth
             self.requests += 1
@@ -309,13 +169,19 @@ class RegistryClient:
             if resp.status != 401:
                 return resp
             challenge = resp.headers.get("WWW-Authenticate", "")
-            if attempt == 1 or not replayable or not challenge:
-                await _raise_for(resp, what)
+            if not challenge or not own_host:
+                await self._fail(resp, what)
             resp.release()
-            if auth and self._challenge and self._challenge.scheme == "basic":
-                raise AuthError(f"{what}: {self.registry} rejected the credentials for "
-                                f"{self.credentials.username or 'the configured user'}", status=401)
-            await self._authenticate(challenge, scope, what)
+            if attempt == 1:
+                raise self.auth.denied(challenge, scope, auth, what)
+            await self.auth.unauthorized(challenge, scope, auth, what)
+            if not replayable:
+                if auth is not None and self.auth.lacks_scope(challenge):
+                    raise self.auth.denied(challenge, scope, auth, what)
+                err = AuthError(f"{what}: the registry answered 401 (token missing, expired or revoked); "
+                                "sending again with a new one", status=401)
+                err.retryable = True
+                raise err
         raise AssertionError("unreachable")
 
     async def _url(self, path: str) -> str:
@@ -327,7 +193,7 @@ class RegistryClient:
         resp = await self._send("GET", await self._url("/v2/"), scope="", what=what)
         async with resp:
             if resp.status >= 400:
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
 
     async def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, Digest]:
         """The manifest's bytes, media type and digest (verified against a digest reference)."""
@@ -336,11 +202,11 @@ class RegistryClient:
                                 scope=f"repository:{repo}:pull", what=what, headers={"Accept": _ACCEPT})
         async with resp:
             if resp.status >= 400:
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
             if (resp.content_length or 0) > MAX_MANIFEST:
                 raise ManifestError(f"{what}: manifest is {resp.content_length} bytes, over the 4 MiB limit")
             with _mapped(what):
-                body = await resp.content.read(MAX_MANIFEST + 1)
+                body = await read_body(resp, MAX_MANIFEST)
             if len(body) > MAX_MANIFEST:
                 raise ManifestError(f"{what}: manifest exceeds the 4 MiB limit")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
@@ -357,7 +223,7 @@ class RegistryClient:
             if resp.status == 404:
                 return None
             if resp.status >= 400:
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
             dig = resp.headers.get("Docker-Content-Digest")
             if not dig:
                 return None
@@ -372,7 +238,7 @@ class RegistryClient:
                                 headers={"Content-Type": media_type}, data=body)
         async with resp:
             if resp.status >= 400:
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
         return Digest.of(body)
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
@@ -383,7 +249,7 @@ class RegistryClient:
             if resp.status == 404:
                 return None
             if resp.status >= 400:
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
             return resp.content_length
 
     async def get_blob(self, repo: str, digest: Digest, *, start: int = 0, end: int | None = None,
@@ -401,7 +267,7 @@ class RegistryClient:
                                 headers=headers, allow_redirects=False)
         origin = urlsplit(url).netloc
         for _ in range(6):
-            if resp.status not in (301, 302, 303, 307, 308):
+            if resp.status not in _REDIRECTS:
                 break
             location = resp.headers.get("Location", "")
             resp.release()
@@ -409,14 +275,14 @@ class RegistryClient:
                 raise RegistryError(f"{what}: redirect without Location", status=resp.status)
             url = urljoin(url, location)
             hdrs = dict(headers)
-            if urlsplit(url).netloc == origin:
-                auth = self._auth_header(f"repository:{repo}:pull")
+            if urlsplit(url).netloc == origin:  # storage hosts get the signed URL, never our token
+                auth = await self.auth.authorization(f"repository:{repo}:pull", what)
                 if auth:
                     hdrs["Authorization"] = auth
             with _mapped(what):
                 resp = await self.session.get(URL(url, encoded=True), headers=hdrs, allow_redirects=False)
         if resp.status >= 400:
-            await _raise_for(resp, what)
+            await self._fail(resp, what)
         if resp.status not in (200, 206):
             resp.release()
             raise RegistryError(f"{what}: unexpected status {resp.status}", status=resp.status)
@@ -437,7 +303,7 @@ class RegistryClient:
                     with contextlib.suppress(BlobflowError):
                         await self.cancel_upload(Upload(repo, urljoin(url, location)))
                 return False
-            await _raise_for(resp, what)
+            await self._fail(resp, what)
         return False
 
     async def start_upload(self, repo: str) -> Upload:
@@ -447,7 +313,7 @@ class RegistryClient:
                                 headers={"Content-Length": "0"})
         async with resp:
             if resp.status != 202:
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
             location = resp.headers.get("Location")
             if not location:
                 raise RegistryError(f"{what}: registry opened an upload without a Location", status=202)
@@ -467,17 +333,23 @@ class RegistryClient:
                                 what=what, headers=headers, data=body, replayable=isinstance(body, bytes))
         async with resp:
             if resp.status != 202:
-                await _raise_for(resp, what)
-            self._advance(up, resp)
+                await self._fail(resp, what)
+            self._advance(up, resp, at_least=up.offset + (length or 0))
 
-    def _advance(self, up: Upload, resp: aiohttp.ClientResponse) -> None:
+    def _advance(self, up: Upload, resp: aiohttp.ClientResponse, *, at_least: int = 0) -> None:
+        """Take the session's new Location and the offset from ``Range: 0-<last byte>``.
+
+        ``0-0`` is ambiguous (Distribution sends it for an empty session and for one holding one
+        byte): read as 0 unless the caller knows more (``at_least``: the bytes a PATCH just sent).
+        """
         location = resp.headers.get("Location")
         if location:
             up.location = urljoin(up.location, location)
         rng = resp.headers.get("Range")
         if rng and "-" in rng:
             with contextlib.suppress(ValueError):
-                up.offset = int(rng.rsplit("-", 1)[1]) + 1
+                last = int(rng.rsplit("-", 1)[1])
+                up.offset = max(last + 1 if last > 0 else 0, at_least)
 
     async def finish_upload(self, up: Upload, digest: Digest, body: bytes = b"") -> None:
         what = f"{self.registry}/{up.repository}: commit blob {digest.short}"
@@ -487,7 +359,7 @@ class RegistryClient:
                                          "Content-Length": str(len(body))}, data=body)
         async with resp:
             if resp.status not in (201, 204):
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
 
     async def upload_status(self, up: Upload) -> int:
         """The offset the registry has for this session (``GET`` on the upload URL)."""
@@ -495,7 +367,7 @@ class RegistryClient:
         resp = await self._send("GET", up.location, scope=f"repository:{up.repository}:pull,push", what=what)
         async with resp:
             if resp.status not in (202, 204):
-                await _raise_for(resp, what)
+                await self._fail(resp, what)
             up.offset = 0
             self._advance(up, resp)
         return up.offset
@@ -516,10 +388,15 @@ class RegistryClient:
             resp = await self._send("GET", url, scope=f"repository:{repo}:pull", what=what)
             async with resp:
                 if resp.status >= 400:
-                    await _raise_for(resp, what)
+                    await self._fail(resp, what)
                 with _mapped(what):
                     try:
-                        data = json.loads(await resp.content.read(MAX_MANIFEST))
+                        body = await read_body(resp, _MAX_TAG_LIST)
+                        if len(body) > _MAX_TAG_LIST:
+                            raise RegistryError(f"{what}: a tag list page over {_MAX_TAG_LIST >> 20} MiB")
+                        data = json.loads(body)
+                        if not isinstance(data, dict):
+                            raise ValueError("not an object")
                     except ValueError:
                         raise RegistryError(f"{what}: tag list is not JSON") from None
                 tags.extend(t for t in (data.get("tags") or []) if isinstance(t, str))
@@ -552,8 +429,8 @@ class RegistryPool:
     async def __aenter__(self) -> RegistryPool:
         try:
             self._session = open_session(**self._opts)  # type: ignore[arg-type]
-        except (OSError, ssl.SSLError) as e:
-            raise BadInputError(f"cannot load TLS settings: {e}") from None
+        except OSError as e:
+            raise BadInputError(f"cannot set up connections: {e.strerror or type(e).__name__}") from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,0 +1,190 @@
+"""Docker's credential store: ``config.json`` (``$DOCKER_CONFIG``, else ``~/.docker``) with ``auths``,
+``credsStore`` and ``credHelpers`` (``docker-credential-<name> get|store``, JSON on stdin/stdout).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AuthError, BadInputError
+
+__all__ = ["Credentials", "docker_config_path", "load_credentials", "redact_all", "store_credentials"]
+
+DOCKER_HUB_KEY = "https://index.docker.io/v1/"
+_MIN_SECRET = 4  # shorter strings are not redacted: replacing "ab" everywhere would only garble text
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+
+    @property
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def __bool__(self) -> bool:
+        return bool(self.username or self.password or self.identity_token)
+
+
+def docker_config_path() -> Path:
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def _config_keys(registry: str) -> list[str]:
+    keys = [registry, f"https://{registry}", f"http://{registry}"]
+    if registry == "docker.io":
+        keys += [DOCKER_HUB_KEY, "index.docker.io", "registry-1.docker.io"]
+    return keys
+
+
+def _server_url(registry: str) -> str:
+    """The name docker gives a registry in ``auths`` and to credential helpers."""
+    return DOCKER_HUB_KEY if registry == "docker.io" else registry
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config: Any = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read docker config {path}: {type(e).__name__}") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"docker config {path} is not a JSON object")
+    return config
+
+
+def _helper_for(config: dict[str, Any], registry: str) -> str | None:
+    helpers = config.get("credHelpers") or {}
+    keys = _config_keys(registry)
+    helper = next((helpers[k] for k in keys if isinstance(helpers, dict) and k in helpers), None)
+    return str(helper) if helper else (str(config["credsStore"]) if config.get("credsStore") else None)
+
+
+def load_credentials(registry: str, *, path: Path | None = None) -> Credentials:
+    """Credentials for ``registry`` from docker's config: ``credHelpers``, ``credsStore``, ``auths``."""
+    path = path or docker_config_path()
+    config = _read_config(path)
+    keys = _config_keys(registry)
+    helper = _helper_for(config, registry)
+    if helper:
+        creds = _from_helper(helper, registry)
+        if creds:
+            return creds
+    auths = config.get("auths") or {}
+    entry = next((auths[k] for k in keys if k in auths), None)
+    if not isinstance(entry, dict):
+        return Credentials()
+    user, pw = entry.get("username", ""), entry.get("password", "")
+    if entry.get("auth"):
+        try:
+            user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise BadInputError(f"docker config {path}: the auth entry for {registry} is not base64") from None
+    return Credentials(user, pw, entry.get("identitytoken", ""))
+
+
+def _from_helper(helper: str, registry: str) -> Credentials:
+    prog = f"docker-credential-{helper}"
+    server = _server_url(registry)
+    try:
+        proc = subprocess.run([prog, "get"], input=server.encode(), capture_output=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise AuthError(f"credential helper {prog} configured for {registry} is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
+    if proc.returncode != 0:
+        return Credentials()  # "credentials not found in native keychain"
+    try:
+        data = json.loads(proc.stdout)
+        user, secret = str(data.get("Username", "")), str(data.get("Secret", ""))
+    except (ValueError, AttributeError):
+        raise AuthError(f"credential helper {prog} returned output that is not JSON") from None
+    if user == "<token>":
+        return Credentials(identity_token=secret)
+    return Credentials(user, secret)
+
+
+def store_credentials(registry: str, credentials: Credentials, *, path: Path | None = None) -> str:
+    """Keep ``credentials`` where docker would: the registry's credential helper (``credHelpers``,
+    else ``credsStore``) when one is configured, else ``auths`` in config.json (base64 ``auth``, or
+    ``identitytoken``). The file is replaced atomically with mode 0600; other settings are kept.
+    Returns where the credentials went, for the user to read.
+    """
+    path = path or docker_config_path()
+    config = _read_config(path)
+    auths = config.get("auths")
+    if not isinstance(auths, dict):
+        auths = config["auths"] = {}
+    for key in _config_keys(registry):  # one entry per registry, under docker's name for it
+        auths.pop(key, None)
+    helper = _helper_for(config, registry)
+    if helper:
+        _to_helper(helper, registry, credentials)
+        auths[_server_url(registry)] = {}  # what docker leaves: a login happened, the secret is elsewhere
+        where = f"credential helper docker-credential-{helper}"
+    elif credentials.identity_token:
+        auths[_server_url(registry)] = {"identitytoken": credentials.identity_token}
+        where = str(path)
+    else:
+        raw = f"{credentials.username}:{credentials.password}".encode()
+        auths[_server_url(registry)] = {"auth": base64.b64encode(raw).decode()}
+        where = str(path)
+    _write_private(path, json.dumps(config, indent="\t") + "\n")
+    return where
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only: temp file (0600), fsync, rename."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=path.parent)  # created 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise BadInputError(f"cannot write docker config {path}: {e.strerror or type(e).__name__}") from None
+
+
+def _to_helper(helper: str, registry: str, credentials: Credentials) -> None:
+    prog = f"docker-credential-{helper}"
+    user, secret = credentials.username, credentials.password
+    if credentials.identity_token:
+        user, secret = "<token>", credentials.identity_token
+    payload = json.dumps({"ServerURL": _server_url(registry), "Username": user, "Secret": secret})
+    try:
+        proc = subprocess.run([prog, "store"], input=payload.encode(), capture_output=True, timeout=30,
+                              check=False)
+    except FileNotFoundError:
+        raise AuthError(f"credential helper {prog} configured for {registry} is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
+    if proc.returncode != 0:
+        said = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()[:1]
+        reason = redact_all(said[0][:200], (secret, credentials.basic)) if said else f"exit {proc.returncode}"
+        raise AuthError(f"credential helper {prog} could not store the credentials for {registry}: {reason}")
+
+
+def redact_all(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if len(secret) >= _MIN_SECRET:
+            text = text.replace(secret, "***")
+    return text

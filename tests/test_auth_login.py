@@ -1,0 +1,117 @@
+"""``blobflow login``: credentials are checked with the registry first, then stored as docker does."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from authenv import PUSHER, PUSHER_PASSWORD, DockerHome, RunCli, TokenRegistry
+from conftest import AUTH_PASSWORD, AUTH_USER
+
+from blobflow.errors import BadInputError
+from blobflow.localreg import LocalRegistry
+from blobflow.registry import Credentials, load_credentials, store_credentials
+
+pytest_plugins = ["authenv"]
+
+
+def _tls(reg: TokenRegistry) -> list[str]:
+    return ["--ca-file", str(reg.ca_file)]
+
+
+async def test_login_verifies_then_stores_auths_entry_with_mode_0600(
+    token_registry: TokenRegistry, docker_home: DockerHome, small_image: Path, run_cli: RunCli,
+) -> None:
+    reg = token_registry
+    docker_home.write({"auths": {"other.example": {"auth": "b3RoZXI6c2VjcmV0"}}, "psFormat": "table"})
+    run = await run_cli("login", reg.host, "-u", PUSHER, "--password-stdin", *_tls(reg), stdin=PUSHER_PASSWORD + "\n")
+    assert run.returncode == 0, run.output
+    assert "Login Succeeded" in run.stdout and PUSHER_PASSWORD not in run.output
+    assert reg.tokens.tokens_for(PUSHER), "login did not check the credentials with the token service"
+    config = docker_home.read()
+    assert config["psFormat"] == "table" and config["auths"]["other.example"] == {"auth": "b3RoZXI6c2VjcmV0"}
+    assert config["auths"][reg.host] == {"auth": base64.b64encode(f"{PUSHER}:{PUSHER_PASSWORD}".encode()).decode()}
+    assert stat.S_IMODE(docker_home.config_path.stat().st_mode) == 0o600
+    assert [p.name for p in docker_home.directory.iterdir() if p.name.startswith(".config")] == []
+
+    pushed = await run_cli("push", str(small_image), f"{reg.host}/team/app:v1", *_tls(reg))
+    assert pushed.returncode == 0, pushed.output
+
+
+async def test_login_with_a_wrong_password_stores_nothing_and_exits_2(
+    token_registry: TokenRegistry, docker_home: DockerHome, run_cli: RunCli,
+) -> None:
+    reg = token_registry
+    run = await run_cli("login", reg.host, "-u", PUSHER, "--password-stdin", *_tls(reg), stdin="wrong-password-1")
+    assert run.returncode == 2, run.output
+    assert f"rejected the credentials of user '{PUSHER}'" in run.stderr
+    assert "incorrect username or password" in run.stderr
+    assert not docker_home.config_path.exists()
+
+
+async def test_login_stores_in_the_configured_credential_helper(
+    token_registry: TokenRegistry, docker_home: DockerHome, small_image: Path, run_cli: RunCli,
+) -> None:
+    reg = token_registry
+    docker_home.add_helper("blobtest", {})
+    docker_home.write({"credsStore": "blobtest"})
+    run = await run_cli("login", reg.host, "-u", PUSHER, "--password-stdin", "--json", *_tls(reg),
+                        stdin=PUSHER_PASSWORD)
+    assert run.returncode == 0, run.output
+    assert '"stored_in": "credential helper docker-credential-blobtest"' in run.stdout
+    assert docker_home.helper_saved("blobtest")[reg.host] == [PUSHER, PUSHER_PASSWORD]
+    assert docker_home.read() == {"credsStore": "blobtest", "auths": {reg.host: {}}}  # no secret in the file
+    pushed = await run_cli("push", str(small_image), f"{reg.host}/team/app:v1", *_tls(reg))
+    assert pushed.returncode == 0, pushed.output
+
+
+async def test_login_to_a_basic_auth_registry(
+    auth_registry: LocalRegistry, docker_home: DockerHome, run_cli: RunCli,
+) -> None:
+    ok = await run_cli("login", f"http://{auth_registry.host}/", "-u", AUTH_USER, "--password-stdin",
+                       stdin=AUTH_PASSWORD)
+    assert ok.returncode == 0, ok.output
+    assert auth_registry.host in docker_home.read()["auths"]
+    bad = await run_cli("login", auth_registry.host, "-u", AUTH_USER, "--password-stdin", stdin="nope-nope")
+    assert bad.returncode == 2 and f"rejected the credentials of user '{AUTH_USER}'" in bad.stderr
+
+
+async def test_login_refuses_a_password_it_cannot_read_safely(docker_home: DockerHome, run_cli: RunCli) -> None:
+    no_stdin, no_user, bad_host = await asyncio.gather(
+        run_cli("login", "localhost:5000", "-u", "me"),
+        run_cli("login", "localhost:5000", "--password-stdin", stdin="pw"),
+        run_cli("login", "not a host", "-u", "me", "--password-stdin", stdin="pw"))
+    assert no_stdin.returncode == 2 and "--password-stdin" in no_stdin.stderr
+    assert no_user.returncode == 2 and "-u USER" in no_user.stderr
+    assert bad_host.returncode == 2 and "invalid registry" in bad_host.stderr
+    assert not docker_home.config_path.exists()
+
+
+def test_store_credentials_round_trips_as_docker_names_registries(tmp_path: Path) -> None:
+    path = tmp_path / "dc" / "config.json"  # the directory does not exist yet
+    store_credentials("docker.io", Credentials("hubuser", "hub-secret-1"), path=path)
+    store_credentials("ghcr.io", Credentials(identity_token="refresh-abc-123"), path=path)
+    config = json.loads(path.read_text())
+    assert set(config["auths"]) == {"https://index.docker.io/v1/", "ghcr.io"}
+    assert config["auths"]["ghcr.io"] == {"identitytoken": "refresh-abc-123"}
+    assert load_credentials("docker.io", path=path) == Credentials("hubuser", "hub-secret-1")
+    assert load_credentials("ghcr.io", path=path) == Credentials(identity_token="refresh-abc-123")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+    # a new login replaces the entry under any of the names docker accepts for that registry
+    config["auths"] = {"https://ghcr.io": {"auth": "b2xkOm9sZA=="}}
+    path.write_text(json.dumps(config))
+    store_credentials("ghcr.io", Credentials("new", "new-secret-2"), path=path)
+    assert json.loads(path.read_text())["auths"] == {"ghcr.io": {"auth": "bmV3Om5ldy1zZWNyZXQtMg=="}}
+
+
+def test_store_credentials_refuses_a_config_it_cannot_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(BadInputError, match="cannot read docker config"):
+        store_credentials("ghcr.io", Credentials("u", "secret-3"), path=path)
+    assert path.read_text() == "{not json"
