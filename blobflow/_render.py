@@ -12,16 +12,20 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from .api import Result
 from .progress import Event
 
-__all__ = ["JsonRenderer", "LogRenderer", "Renderer", "RichRenderer", "format_bytes", "summary_line"]
+__all__ = ["JsonRenderer", "LogRenderer", "Renderer", "RichRenderer", "WindowColumn", "format_bytes",
+           "format_seconds", "summary_line"]
 
 
 def format_bytes(n: float) -> str:
@@ -30,6 +34,15 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``9:41``, ``1:02:03``; negative values keep their sign."""
+    sign, s = ("-" if seconds < 0 else ""), round(abs(seconds))
+    if s < 60:
+        return f"{sign}{s} s"
+    h, rest = divmod(s, 3600)
+    return f"{sign}{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{sign}{rest // 60}:{rest % 60:02d}"
 
 
 def summary_line(result: Result) -> str:
@@ -41,6 +54,8 @@ def summary_line(result: Result) -> str:
              f"{result.skipped} skipped", f"{result.mounted} mounted"]
     if result.retries:
         parts.append(f"{result.retries} retried")
+    if result.min_slack is not None:
+        parts.append(f"smallest slack {format_seconds(result.min_slack)} of an upload window")
     return "; ".join(parts)
 
 
@@ -114,16 +129,33 @@ class JsonRenderer(Renderer):
         sys.stdout.flush()
 
 
+class WindowColumn(ProgressColumn):
+    """For an upload against a registry's window: the time left in it, and the projected slack."""
+
+    def render(self, task: Task) -> Text:
+        deadline = task.fields.get("deadline")
+        if deadline is None:
+            return Text("")
+        left = deadline - time.monotonic()
+        text = f"window {format_seconds(left)} left"
+        slack = task.fields.get("slack")
+        if slack is not None:
+            text += f", slack {format_seconds(slack)}"
+        urgent = left <= 0 or (slack is not None and slack < 0)
+        return Text(text, style="red" if urgent else "cyan")
+
+
 class RichRenderer(LogRenderer):
-    """Live bars per blob and overall (bytes, rate, ETA) on a terminal."""
+    """Live bars per blob and overall (bytes, rate, ETA, and for uploads the window left) on a terminal."""
 
     def __init__(self, *, verbose: bool, quiet: bool) -> None:
         super().__init__(verbose=verbose, quiet=quiet)
         self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=self.console, transient=True)
+            TimeRemainingColumn(), WindowColumn(), console=self.console, transient=True)
         self._tasks: dict[str, TaskID] = {}
+        self._slack: dict[str, float] = {}
         self._overall: TaskID | None = None
 
     def __enter__(self) -> RichRenderer:
@@ -145,6 +177,14 @@ class RichRenderer(LogRenderer):
             if ev.digest in self._tasks:
                 p.advance(self._tasks[ev.digest], ev.n)
             p.advance(self._overall, ev.n)
+        elif ev.kind == "deadline":
+            task = self._tasks.get(ev.digest)
+            if task is not None and ev.window_left is not None:
+                if ev.slack is not None:
+                    self._slack[ev.digest] = ev.slack
+                p.update(task, deadline=ev.time + ev.window_left, slack=self._slack.get(ev.digest))
+            if self.verbose:
+                self.console.log(f"{ev.kind}: {ev.digest} {ev.detail}".rstrip())
         elif ev.kind in ("blob_done", "failed"):
             task = self._tasks.pop(ev.digest, None)
             if task is not None:

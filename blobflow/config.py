@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
-from typing import Literal
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
 
 from .errors import BadInputError
 
-__all__ = ["KNOWN_LIMITS", "EngineConfig", "RegistryLimits", "limits_for", "parse_size"]
+__all__ = ["KNOWN_LIMITS", "EngineConfig", "RegistryLimits", "limits_for", "load_registry_limits", "parse_size"]
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 KB, MB, GB = 1000, 1000**2, 1000**3
@@ -27,9 +29,11 @@ def parse_size(text: str) -> int:
     """``10GB`` -> 10_000_000_000, ``512MiB`` -> 536_870_912, ``4096`` -> 4096."""
     m = _SIZE.fullmatch(text)
     unit = _UNITS.get(m.group(2).lower()) if m else None
-    if m is None or unit is None:
+    if m is None or unit is None or len(m.group(1)) > 30:
         raise BadInputError(f"invalid size {text!r}: use a number with an optional unit like 10GB or 512MiB")
-    return int(float(m.group(1)) * unit)
+    whole, _, frac = m.group(1).partition(".")
+    # exact integer arithmetic: no float rounding for byte counts, no overflow on long input
+    return (int(whole) * unit) + (int(frac) * unit // 10 ** len(frac) if frac else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +68,82 @@ KNOWN_LIMITS: dict[str, RegistryLimits] = {
 
 
 def limits_for(registry: str, *, max_layer_size: int | None = None,
-               upload_window: float | None = None) -> RegistryLimits:
-    """The built-in limits for ``registry``, with flag overrides applied."""
-    base = KNOWN_LIMITS.get(registry, RegistryLimits())
+               upload_window: float | None = None,
+               window_scope: Literal["session", "request"] | None = None,
+               table: dict[str, RegistryLimits] | None = None) -> RegistryLimits:
+    """The limits for ``registry`` (from ``table``, else the built-in one), with flag overrides applied."""
+    base = (table or {}).get(registry) or KNOWN_LIMITS.get(registry, RegistryLimits())
     if max_layer_size is not None:
         base = replace(base, max_layer_size=max_layer_size)
     if upload_window is not None:
         base = replace(base, upload_window=upload_window)
+    if window_scope is not None:
+        base = replace(base, window_scope=window_scope)
     return base
+
+
+_SIZE_FIELDS = ("max_layer_size", "max_chunk", "max_body")
+_SECONDS_FIELDS = ("upload_window", "token_lifetime")
+
+
+def load_registry_limits(path: str | Path) -> dict[str, RegistryLimits]:
+    """Per-registry overrides from a TOML file; each entry starts from the built-in table's::
+
+        [registries."ghcr.io"]
+        upload_window = 600          # seconds
+        window_scope = "session"     # or "request"
+        max_layer_size = "10GB"
+        max_chunk = "4MiB"
+
+    Flags (``--upload-window``, ``--max-layer-size``) still win over the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise BadInputError(f"cannot read registry limits {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInputError(f"registry limits {path}: not valid TOML ({e})") from None
+    registries = doc.get("registries", {})
+    if not isinstance(registries, dict) or set(doc) - {"registries"}:
+        raise BadInputError(f"registry limits {path}: expected only [registries.\"<host>\"] tables")
+    known = {f.name for f in fields(RegistryLimits)} - {"source"}
+    out: dict[str, RegistryLimits] = {}
+    for host, entry in registries.items():
+        if not isinstance(entry, dict):
+            raise BadInputError(f"registry limits {path}: [registries.\"{host}\"] must be a table")
+        unknown = set(entry) - known
+        if unknown:
+            raise BadInputError(f"registry limits {path}: unknown setting {sorted(unknown)[0]!r} for {host} "
+                                f"(known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key, value in entry.items():
+            values[key] = _limit_value(path, host, key, value)
+        base = KNOWN_LIMITS.get(host, RegistryLimits())
+        out[host] = replace(base, **values, source=f"{path}" + (f"; {base.source}" if base.source else ""))
+    return out
+
+
+def _limit_value(path: str | Path, host: str, key: str, value: Any) -> Any:
+    where = f"registry limits {path}: {host} {key}"
+    if key in _SIZE_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise BadInputError(f"{where}: expected a size like 10GB")
+        size = parse_size(value) if isinstance(value, str) else value
+        if size < 1:
+            raise BadInputError(f"{where}: must be positive")
+        return size
+    if key in _SECONDS_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise BadInputError(f"{where}: expected a positive number of seconds")
+        return float(value)
+    if key == "window_scope":
+        if value not in ("session", "request"):
+            raise BadInputError(f"{where}: expected \"session\" or \"request\"")
+        return value
+    if not isinstance(value, bool):  # streamed_patch
+        raise BadInputError(f"{where}: expected true or false")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +179,13 @@ class EngineConfig:
     upload_window: float | None = None
     state_dir: str | None = None
     extra_limits: dict[str, RegistryLimits] = field(default_factory=dict, compare=False, hash=False)
+    # windowed destinations: admit, pace and fail uploads against their windows (blobflow.deadline);
+    # False sends everything at once, as if no registry had a window
+    deadline_tracking: bool = True
+    window_scope: Literal["session", "request"] | None = None  # overrides every registry's, like upload_window
+    # bytes the OS may hold unsent per connection (Linux's default tcp_wmem maximum): deadline
+    # projections count that many of an upload's last bytes, plus one read, as not on the wire yet
+    socket_buffer: int = 4 * MiB
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "connections_per_host", "part_size", "parts_per_blob", "read_size",
@@ -119,8 +198,12 @@ class EngineConfig:
             raise BadInputError("chunk-size must be at least 1 byte")
         if self.upload_window is not None and self.upload_window <= 0:
             raise BadInputError("upload-window must be positive")
+        if self.socket_buffer < 0:
+            raise BadInputError("socket-buffer must be 0 or more")
+        if self.window_scope not in (None, "session", "request"):
+            raise BadInputError("window-scope must be 'session' or 'request'")
 
     def limits(self, registry: str) -> RegistryLimits:
-        if registry in self.extra_limits:
-            return self.extra_limits[registry]
-        return limits_for(registry, max_layer_size=self.max_layer_size, upload_window=self.upload_window)
+        """``extra_limits`` (a limits file) over the built-in table, flags over both."""
+        return limits_for(registry, max_layer_size=self.max_layer_size, upload_window=self.upload_window,
+                          window_scope=self.window_scope, table=self.extra_limits)

@@ -12,10 +12,10 @@ Everything blobflow raises on purpose derives from :class:`BlobflowError`::
     ├── AuthError                exit 2: missing or rejected credentials, missing permission
     ├── NotFoundError            exit 1: manifest or blob unknown at the registry (also a LookupError)
     ├── RegistryError            exit 1: the registry answered with an error (code, message, status)
-    ├── TransferError            exit 1: a transfer failed after its retries
-    │   ├── ConnectError         the registry could not be reached (also an OSError)
-    │   └── DigestMismatchError  bytes did not match their digest or size
-    └── DeadlineError            exit 1: an upload cannot finish inside its registry's window
+    └── TransferError            exit 1: a transfer failed after its retries
+        ├── ConnectError         the registry could not be reached (also an OSError)
+        ├── DigestMismatchError  bytes did not match their digest or size
+        └── DeadlineError        an upload cannot finish inside its registry's window (never retried)
 
 Library errors also inherit the stdlib type where one fits, so ordinary ``except`` clauses keep
 working (as aiohttp does). No aiohttp exception escapes ``blobflow.registry``.
@@ -117,4 +117,17 @@ class DigestMismatchError(TransferError):
 
 
 class DeadlineError(TransferError):
-    pass
+    """An upload cannot finish inside its registry's upload window, so it was stopped early.
+
+    ``rate`` is the measured throughput to the registry and ``required`` the rate the upload would
+    need (bytes per second; ``rate`` is 0.0 when none was measured yet). Never retryable by
+    default: a new attempt would open a new session and run out of time the same way.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False, digest: str = "", size: int = 0,
+                 rate: float = 0.0, required: float = 0.0) -> None:
+        super().__init__(message, retryable=retryable)
+        self.digest = digest
+        self.size = size
+        self.rate = rate
+        self.required = required

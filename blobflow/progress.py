@@ -19,6 +19,8 @@ EventKind = Literal[
     "manifest",     # a manifest was written (detail = reference)
     "failed",       # a blob or image failed for good (detail = why)
     "info",         # something worth telling (a learned limit, a fallback)
+    "deadline",     # an upload against a window: window_left, projected_finish, slack (seconds)
+    "deadline_met",  # such an upload is done: slack = what was left of its window
 ]
 
 
@@ -32,14 +34,21 @@ class Event:
     detail: str = ""
     delay: float = 0.0
     time: float = field(default_factory=time.monotonic)
+    # deadline events: seconds left in the upload's window, seconds until its projected finish,
+    # and the slack between the two (None: not known yet, e.g. before any rate is measured)
+    window_left: float | None = None
+    projected_finish: float | None = None
+    slack: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v not in ("", 0, 0.0) or k == "kind"}
+        out = {k: v for k, v in asdict(self).items()
+               if v is not None and (v not in ("", 0, 0.0) or k == "kind" or k in _DEADLINE_FIELDS)}
         out.pop("time", None)
         return out
 
 
 Listener = Callable[[Event], None]
+_DEADLINE_FIELDS = frozenset({"window_left", "projected_finish", "slack"})
 
 
 @dataclass(slots=True)
@@ -54,6 +63,7 @@ class Stats:
     manifests: int = 0
     failed: int = 0
     notes: list[str] = field(default_factory=list)
+    min_slack: float | None = None  # seconds: the least window left by any upload against a window
 
     def observe(self, ev: Event) -> None:
         if ev.kind == "bytes":
@@ -72,3 +82,5 @@ class Stats:
             self.failed += 1
         elif ev.kind == "info":
             self.notes.append(ev.detail)
+        elif ev.kind == "deadline_met" and ev.slack is not None:
+            self.min_slack = ev.slack if self.min_slack is None else min(self.min_slack, ev.slack)

@@ -17,6 +17,8 @@ import collections
 import json
 import random
 import re
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from yarl import URL
 CHUNK = 64 * 1024
 BLOB_PATH = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 UPLOAD_START = re.compile(r"^/v2/.+/blobs/uploads/?$")
+UPLOAD_SESSION = re.compile(r"^/v2/.+/blobs/uploads/([^/]+)$")  # group 1: the session's UUID
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
      "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
@@ -54,6 +57,13 @@ class Faults:
     ignore_range: bool = False  # blob GET: strip Range so the registry answers 200 with everything
     latency: float = 0.0  # seconds of sleep before forwarding
     bandwidth: float | None = None  # bytes/second shared by all bodies, both directions
+    # seconds an upload session lives after its POST (a registry's upload window): later requests
+    # on it get 404 BLOB_UPLOAD_UNKNOWN, and a body still streaming when it runs out is cut
+    upload_window: float | None = None
+    request_window: float | None = None  # seconds a PATCH/PUT body may stream; past that it is cut
+    # SO_RCVBUF of the proxy's listening socket, read at start(): a small one keeps an emulated
+    # uplink's backlog at the sender, as on a real link, not in a loopback buffer of megabytes
+    recv_buffer: int | None = None
     match: Callable[[web.Request], bool] | None = None
     seed: int | None = None
 
@@ -86,14 +96,39 @@ class _CutRequest(Exception):
     """Raised inside a request body stream to abort the upstream request part-way."""
 
 
+@dataclass
+class UploadSession:
+    """One upload session seen through the proxy (times are the proxy's event-loop clock)."""
+
+    started: float  # when its POST arrived
+    last: float  # when its latest request arrived or ended
+    bytes: int = 0  # request body bytes forwarded for it
+    expired: bool = False  # its window ran out while the client still used it
+    committed: bool = False  # its PUT answered 201
+
+
+@dataclass
+class _Body:
+    """How a request body stream ended early, if it did."""
+
+    expires_at: float | None = None
+    expired: str = ""  # the counter to bump: "session_window_cuts" or "request_window_cuts"
+    session: UploadSession | None = None
+
+
 class FaultProxy:
     """An aiohttp reverse proxy on 127.0.0.1 that forwards to ``upstream`` and injects ``faults``."""
 
-    def __init__(self, upstream: str, faults: Faults | None = None) -> None:
+    def __init__(self, upstream: str, faults: Faults | None = None, *, tls: ssl.SSLContext | None = None,
+                 upstream_tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: serve HTTPS with this server context; ``upstream_tls``: how to verify an https upstream."""
         self.upstream = upstream.rstrip("/")
         self.faults = faults if faults is not None else Faults()
+        self.tls = tls
+        self.upstream_tls = upstream_tls
         self.counters: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, int]] = []  # (method, path_qs, status); 0 = connection dropped
+        self.sessions: dict[str, UploadSession] = {}  # by UUID; only while upload_window is set
         self._rng = random.Random(self.faults.seed)
         self._bucket = _TokenBucket()
         self._runner: web.AppRunner | None = None
@@ -108,20 +143,26 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
-            connector=aiohttp.TCPConnector(limit=0),
+            connector=aiohttp.TCPConnector(limit=0, ssl=self.upstream_tls or True),
         )
         app = web.Application(handler_args={"max_line_size": 65536, "max_field_size": 65536})
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        if self.faults.recv_buffer is None:
+            await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls).start()
+        else:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.faults.recv_buffer)
+            sock.bind(("127.0.0.1", 0))
+            await web.SockSite(self._runner, sock, ssl_context=self.tls).start()
         self._port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -170,10 +211,37 @@ class FaultProxy:
         faulty = self.faults.match is None or self.faults.match(request)
         status = 0
         try:
-            response, status = await self._forward(request, faulty=faulty, blob_get=blob_get)
+            if faulty and upload_start and self.faults.upload_window is not None:
+                response, status = await self._open_session(request, blob_get=blob_get)
+            else:
+                response, status = await self._forward(request, faulty=faulty, blob_get=blob_get)
             return response
         finally:
             self.log.append((method, request.path_qs, status))
+
+    async def _open_session(self, request: web.Request, *, blob_get: bool) -> tuple[web.StreamResponse, int]:
+        """Forward an upload POST and start its session's clock from the moment it arrived."""
+        started = asyncio.get_running_loop().time()
+        response, status = await self._forward(request, faulty=True, blob_get=blob_get)
+        location = response.headers.get(hdrs.LOCATION, "")
+        match = UPLOAD_SESSION.match(URL(location).path) if status == 202 else None
+        if match:
+            self.sessions[match.group(1)] = UploadSession(started, started)
+        return response, status
+
+    def _session_window(self, request: web.Request) -> tuple[UploadSession | None, float | None]:
+        """The session a request belongs to and when its window ends (None: not windowed)."""
+        window = self.faults.upload_window
+        match = UPLOAD_SESSION.match(request.path) if window is not None else None
+        session = self.sessions.get(match.group(1)) if match else None
+        if session is None or window is None:
+            return None, None
+        return session, session.started + window
+
+    def _expire(self, session: UploadSession) -> None:
+        if not session.expired:
+            session.expired = True
+            self.counters["expired_sessions"] += 1
 
     async def _forward(
         self, request: web.Request, *, faulty: bool, blob_get: bool
@@ -185,6 +253,20 @@ class FaultProxy:
         if injected is not None:
             self.counters[f"status:{injected}"] += 1
             return self._fault_response(injected), injected
+        loop = asyncio.get_running_loop()
+        session, expires_at = self._session_window(request) if faulty else (None, None)
+        if session is not None:
+            session.last = loop.time()
+            if expires_at is not None and session.last >= expires_at:
+                self._expire(session)
+                self.counters["expired_requests"] += 1
+                error = {"code": "BLOB_UPLOAD_UNKNOWN", "message": "blob upload unknown to registry"}
+                return web.json_response({"errors": [error]}, status=404), 404
+        state = _Body(expires_at, session=session)
+        if faulty and self.faults.request_window is not None and request.method in (hdrs.METH_PATCH, hdrs.METH_PUT):
+            ends = loop.time() + self.faults.request_window
+            if state.expires_at is None or ends < state.expires_at:
+                state.expires_at = ends
         headers = self._upstream_headers(request)
         if faulty and blob_get and faults.ignore_range and hdrs.RANGE in headers:
             del headers[hdrs.RANGE]
@@ -194,7 +276,7 @@ class FaultProxy:
             if self._roll(faults.cut_request):
                 length = request.content_length
                 cut_at = int(self._rng.random() * length) if length else self._rng.randrange(CHUNK)
-        body = self._request_body(request, faulty, cut_at) if request.body_exists else None
+        body = self._request_body(request, faulty, cut_at, state) if request.body_exists else None
         assert self._session is not None
         target = URL(self.upstream + request.raw_path, encoded=True)
         try:
@@ -202,12 +284,21 @@ class FaultProxy:
                 request.method, target, headers=headers, data=body, allow_redirects=False
             )
         except (aiohttp.ClientError, _CutRequest) as exc:
+            if state.expired:
+                self.counters[state.expired] += 1
+                if state.session is not None and state.expired == "session_window_cuts":
+                    self._expire(state.session)
+                _drop(request)
+                return web.Response(status=499), 0
             if cut_at is not None:
                 self.counters["cut_request"] += 1
                 _drop(request)
                 return web.Response(status=499), 0
             self.counters["upstream_error"] += 1
             return web.Response(status=502, text=f"FaultProxy: upstream failed: {exc!r}"), 502
+        if session is not None:
+            session.last = loop.time()
+            session.committed |= request.method == hdrs.METH_PUT and upstream.status == 201
         async with upstream:
             return await self._relay(request, upstream, faulty=faulty, blob_get=blob_get), upstream.status
 
@@ -258,16 +349,34 @@ class FaultProxy:
         return response
 
     async def _request_body(
-        self, request: web.Request, faulty: bool, cut_at: int | None
+        self, request: web.Request, faulty: bool, cut_at: int | None, state: _Body
     ) -> AsyncIterator[bytes]:
         sent = 0
-        async for data in request.content.iter_chunked(CHUNK):
-            chunk = data if cut_at is None else data[: cut_at - sent]
+        chunks = request.content.iter_chunked(CHUNK).__aiter__()
+        while True:
+            chunk = b""
+            try:
+                async with asyncio.timeout_at(state.expires_at):  # also catches a client stalled past it
+                    data = await anext(chunks)
+                    chunk = data if cut_at is None else data[: cut_at - sent]
+                    if chunk:
+                        await self._throttle(len(chunk), faulty)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                pass
+            if state.expires_at is not None and asyncio.get_running_loop().time() >= state.expires_at:
+                state.expired = "request_window_cuts"
+                if state.session is not None and self.faults.upload_window is not None:
+                    if state.session.started + self.faults.upload_window <= state.expires_at:
+                        state.expired = "session_window_cuts"
+                raise _CutRequest(f"window ran out after {sent} bytes")
             if chunk:
-                await self._throttle(len(chunk), faulty)
                 yield chunk
                 sent += len(chunk)
                 self.counters["bytes_to_upstream"] += len(chunk)
+                if state.session is not None:
+                    state.session.bytes += len(chunk)
             if cut_at is not None and sent >= cut_at:
                 break
         if cut_at is not None:
