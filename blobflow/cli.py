@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import getpass
 import json
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from ._render import JsonRenderer, LogRenderer, Renderer, RichRenderer
 from .api import Client
-from .config import EngineConfig, parse_size
+from .config import EngineConfig, load_registry_limits, parse_size
 from .errors import BadInputError, BlobflowError
+from .mirror import load_plan, parse_shard
+from .registry import Credentials, RegistryPool, store_credentials
+from .types import Reference
 
 __all__ = ["main"]
 
@@ -26,8 +32,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line, like the rest of blobflow's bad-input errors."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"blobflow {self.prog.split(' ', 1)[-1]}: {message}\n"
-                                  f"(see `{self.prog} --help`)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}\n(see `{self.prog} --help`)\n")
 
 
 def _size(text: str) -> int:
@@ -58,10 +63,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="the destination's upload time limit (ghcr.io: 600)")
     g.add_argument("--max-layer-size", type=_size, metavar="SIZE",
                    help="refuse layers larger than SIZE before sending (ghcr.io: 10GB)")
+    g.add_argument("--window-scope", choices=("session", "request"),
+                   help="whether the upload window limits each upload session or each HTTP request "
+                        "(ghcr.io: session)")
+    g.add_argument("--registry-limits", metavar="FILE",
+                   help='per-registry limits in TOML: [registries."HOST"] upload_window = 600, '
+                        'window_scope = "session", max_layer_size = "10GB"')
+    g.add_argument("--no-deadline-tracking", action="store_true",
+                   help="send every upload at once, ignoring upload windows (no admission, pacing or early failure)")
     g.add_argument("--state-dir", metavar="DIR", help="where resume journals are kept")
+    _connection_and_output(p)
+
+
+def _connection_and_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection options")
     g.add_argument("--plain-http", action="store_true", help="use HTTP, not HTTPS, for every registry")
-    g.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for TLS")
+    g.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for TLS, besides the system's")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (unsafe)")
     g = p.add_argument_group("output options")
     g.add_argument("--json", action="store_true", help="JSON lines on stdout: events and a final summary")
@@ -110,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a manifest annotation (repeatable)")
     _common(p)
 
+    p = _command(sub, "mirror", "mirror the images of a plan file (TOML), skipping what is up to date",
+                 "blobflow mirror plan.toml --shard 0/4 --report report.json")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--dry-run", action="store_true", help="print what would move; write nothing")
+    p.add_argument("--shard", metavar="I/N", default="0/1",
+                   help="take a deterministic share of the plan (for N machines; 0 <= I < N)")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
+    _common(p)
+
     blob = _command(sub, "blob", "move a single blob", "blobflow blob get ghcr.io/org/app@sha256:... layer.tgz")
     bsub = blob.add_subparsers(dest="blob_command", required=True, metavar="get|put", parser_class=_Parser)
     p = _command(bsub, "get", "download one blob to a file, verified",
@@ -131,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--raw", action="store_true", help="the manifest's exact bytes")
     _common(p)
+
+    p = _command(sub, "login", "check credentials with a registry, then store them where docker keeps them "
+                 "(its credential helper if one is configured, else $DOCKER_CONFIG/config.json)",
+                 'printf %s "$TOKEN" | blobflow login ghcr.io -u octocat --password-stdin')
+    p.add_argument("registry", metavar="REGISTRY", help="host[:port], e.g. ghcr.io or localhost:5000")
+    p.add_argument("-u", "--username", help="user name (asked for on a terminal when missing)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password or token from standard input (asked for on a terminal otherwise)")
+    _connection_and_output(p)
     return parser
 
 
@@ -143,6 +178,12 @@ def _config(args: argparse.Namespace) -> EngineConfig:
             opts[name] = value
     if "part_size" in opts:
         opts["range_threshold"] = opts["part_size"] + 1
+    if getattr(args, "window_scope", None):
+        opts["window_scope"] = args.window_scope
+    if getattr(args, "registry_limits", None):
+        opts["extra_limits"] = load_registry_limits(args.registry_limits)
+    if getattr(args, "no_deadline_tracking", False):
+        opts["deadline_tracking"] = False
     return EngineConfig(plain_http=args.plain_http, insecure=args.insecure, ca_file=args.ca_file, **opts)
 
 
@@ -166,6 +207,8 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
     elif cmd == "copy":
         result = await client.copy(args.source, args.destination, platform=args.platform,
                                    annotations=_annotations(args.annotation))
+    elif cmd == "mirror":
+        return await _mirror(args, client, render)
     elif cmd == "blob" and args.blob_command == "get":
         result = await client.blob_get(args.image, args.file)
     elif cmd == "blob":
@@ -176,13 +219,23 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
         return EXIT_OK
     elif cmd == "tags":
         tags = await client.tags(args.repository)
-        print(json.dumps(tags) if args.json else "\n".join(tags))
+        if args.json:
+            print(json.dumps({"event": "tags", "repository": args.repository, "tags": tags}))
+            print(json.dumps({"event": "summary", "operation": "tags", "count": len(tags)}))
+        elif tags:
+            print("\n".join(tags))
         return EXIT_OK
+    elif cmd == "login":
+        return await _login(args, client.config)
     elif cmd == "inspect":
         raw = await client.inspect(args.image)
         if args.raw:
             sys.stdout.buffer.write(raw.data)
             sys.stdout.flush()
+        elif args.json:
+            print(json.dumps({"event": "manifest", "digest": str(raw.digest), "mediaType": raw.media_type,
+                              "manifest": raw.doc}))
+            print(json.dumps({"event": "summary", "operation": "inspect", "digest": str(raw.digest)}))
         else:
             print(json.dumps({"digest": str(raw.digest), "mediaType": raw.media_type, "manifest": raw.doc},
                              indent=2))
@@ -193,11 +246,98 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
     return EXIT_OK
 
 
+def _login_input(args: argparse.Namespace) -> Credentials:
+    """User and password from the flags, standard input or the terminal, never from argv."""
+    user = args.username
+    if not user and sys.stdin.isatty() and not args.password_stdin:
+        user = input("Username: ").strip()
+    if not user:
+        raise BadInputError("login needs a user name: -u USER")
+    if args.password_stdin:
+        password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise BadInputError("login reads the password from standard input: add --password-stdin")
+    if not password:
+        raise BadInputError("login needs a password or token, and none was given")
+    return Credentials(user, password)
+
+
+def _login_registry(text: str) -> Reference:
+    """``ghcr.io``, ``https://ghcr.io/``, ``localhost:5000``, ``https://index.docker.io/v1/``."""
+    host = text.split("://", 1)[-1].split("/", 1)[0]
+    if host in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        return Reference.parse("docker.io/library/x")
+    if not ("." in host or ":" in host or host == "localhost"):
+        raise BadInputError(f"invalid registry {text!r}: expected a host such as ghcr.io or localhost:5000")
+    try:
+        return Reference.parse(f"{host}/x")
+    except BadInputError:
+        raise BadInputError(f"invalid registry {text!r}: expected a host such as ghcr.io or localhost:5000"
+                            ) from None
+
+
+async def _login(args: argparse.Namespace, config: EngineConfig) -> int:
+    """Credentials are stored only after the registry (or its token service) accepted them."""
+    ref = _login_registry(args.registry)
+    creds = await asyncio.to_thread(_login_input, args)
+    pool = RegistryPool(connections_per_host=config.connections_per_host, connect_timeout=config.connect_timeout,
+                        read_timeout=config.read_timeout, plain_http=config.plain_http, ca_file=config.ca_file,
+                        insecure=config.insecure, credentials={ref.registry: creds})
+    async with pool:
+        await pool.client(ref.registry, ref.endpoint, loopback=ref.is_loopback).ping()
+    where = await asyncio.to_thread(store_credentials, ref.registry, creds)
+    if args.json:
+        print(json.dumps({"event": "login", "registry": ref.registry, "username": creds.username,
+                          "stored_in": where}))
+    elif not args.quiet:
+        print(f"Login Succeeded: {creds.username} at {ref.registry}, stored in {where}")
+    return EXIT_OK
+
+
+async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) -> int:
+    plan = load_plan(args.plan)
+    shard = parse_shard(args.shard)
+    if plan.concurrency and args.concurrency is None:
+        client.config = dataclasses.replace(client.config, concurrency=plan.concurrency)
+    result = await client.mirror(plan, shard=shard, dry_run=args.dry_run)
+    images = [dataclasses.asdict(i) for i in result.images]
+    report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds,
+                              "requests_per_host": result.requests, "images": images}
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # noqa: ASYNC240 - after the job
+    failed = result.failed
+    if args.json:
+        for image in images:
+            print(json.dumps({"event": "image", **image}))
+        print(json.dumps({"event": "summary", "operation": "mirror", **{k: v for k, v in report.items()
+                                                                          if k != "images"},
+                          "images": len(result.images), "failed": len(failed)}))
+    elif not args.quiet:
+        for i in result.images:
+            line = f"{i.status:>10}  {i.source} -> {i.destination}"
+            if i.status in ("copied", "would copy"):
+                line += f"  ({i.blobs} blobs, {i.bytes / 1e6:.1f} MB, {i.skipped} skipped, {i.mounted} mounted)"
+            elif i.status == "failed":
+                line += f"  ({i.error})"
+            print(line)
+        moved = sum(i.bytes for i in result.images)
+        verb = "would move" if args.dry_run else "moved"
+        print(f"mirror shard {result.shard}: {len(result.images)} images, "
+              f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "
+              f"{verb} {moved / 1e6:.1f} MB in {result.seconds:.2f} s; requests: "
+              + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items())))
+    if failed:
+        return EXIT_PARTIAL if len(failed) < len(result.images) else EXIT_FAILED
+    return EXIT_OK
+
+
 def _renderer(args: argparse.Namespace) -> Renderer:
     if getattr(args, "json", False):
         return JsonRenderer()
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
-    if sys.stderr.isatty() and not quiet and args.command in ("pull", "push", "copy", "blob"):
+    if sys.stderr.isatty() and not quiet and args.command in ("pull", "push", "copy", "blob", "mirror"):
         return RichRenderer(verbose=verbose, quiet=quiet)
     return LogRenderer(verbose=verbose, quiet=quiet)
 
@@ -216,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     render = _renderer(args)
+    if getattr(args, "insecure", False):
+        print("blobflow: warning: --insecure: TLS certificates are not verified; anyone on the network path "
+              "can read and change what is sent, credentials included", file=sys.stderr)
     try:
         config = _config(args)
         client = Client(config, listener=render)

@@ -15,6 +15,7 @@ another blob, size or file, is discarded with a warning, never trusted.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -75,7 +76,12 @@ class DownloadRecord:
 
 @dataclass
 class UploadRecord:
-    """An upload session to continue: its URL and the offset the registry confirmed."""
+    """An upload session to continue: its URL and the offset the registry confirmed.
+
+    A record belongs to one upload at a time (an exclusive lock on ``<record>.lock``); a second
+    upload of the same blob to the same repository, in this process or another, gets a record
+    that remembers nothing, so two uploads never share a session.
+    """
 
     file: Path
     digest: str
@@ -83,13 +89,22 @@ class UploadRecord:
     location: str = ""
     offset: int = 0
     warning: str = ""
+    owned: bool = True
+    _lock: int = -1
 
     def save(self) -> None:
-        _write(self.file, {"version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
-                           "location": self.location, "offset": self.offset})
+        if self.owned:
+            _write(self.file, {"version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
+                               "location": self.location, "offset": self.offset})
 
     def discard(self) -> None:
-        self.file.unlink(missing_ok=True)
+        if self.owned:
+            self.file.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 class Journal:
@@ -121,6 +136,15 @@ class Journal:
     def upload(self, registry: str, repository: str, digest: Digest, size: int) -> UploadRecord:
         file = self.root / "uploads" / f"{_key(registry, repository, str(digest))}.json"
         fresh = UploadRecord(file, str(digest), size)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            fresh.owned = False  # another upload of this blob holds the record
+            return fresh
+        fresh._lock = lock
         data, warning = _read(file)
         if data is None:
             fresh.warning = warning

@@ -71,8 +71,9 @@ class Scheduler:
 
     async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
         assert self._tg is not None
-        tg, self._tg = self._tg, None
+        tg = self._tg
         try:
+            # _tg stays set while tasks finish: a job ending now still starts the queued ones
             await tg.__aexit__(et, exc, tb)
         except BaseExceptionGroup as group:
             # our tasks never fail (results and errors go to futures), so a group holds only the
@@ -80,19 +81,22 @@ class Scheduler:
             if exc is not None and exc in group.exceptions:
                 raise exc from None
             raise
+        finally:
+            self._tg = None
 
     def submit(self, key: Hashable, size: int, factory: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
         """Queue a job; a second submit with the same key shares the first one's result."""
         for table in (self._running, self._pending):
             if key in table:
                 table[key].waiters += 1
-                return table[key].future
+                return asyncio.shield(table[key].future)
         if key in self._done:
-            return self._done[key]
+            return asyncio.shield(self._done[key])
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending[key] = _Job(JobSpec(key, size, next(self._seq)), factory, fut)
         self._dispatch()
-        return fut
+        # each waiter gets its own view: one waiter cancelled does not cancel the job for the others
+        return asyncio.shield(fut)
 
     def _dispatch(self) -> None:
         assert self._tg is not None, "Scheduler used outside 'async with'"
@@ -100,8 +104,17 @@ class Scheduler:
                      self.concurrency)
         for spec in specs:
             job = self._pending.pop(spec.key)
+            coro = self._run(job)
+            try:
+                self._tg.create_task(coro)
+            except RuntimeError:  # the job is being torn down (cancelled or failed): start nothing
+                coro.close()
+                job.future.cancel()
+                for rest in self._pending.values():
+                    rest.future.cancel()
+                self._pending.clear()
+                return
             self._running[spec.key] = job
-            self._tg.create_task(self._run(job))
 
     async def _run(self, job: _Job) -> None:
         try:
@@ -111,6 +124,7 @@ class Scheduler:
             raise
         except BaseException as e:  # delivered to every waiter; the task itself never fails
             job.future.set_exception(e)
+            job.future.exception()  # retrieved here: a job nobody waits for any more logs nothing
         else:
             job.future.set_result(result)
         finally:

@@ -103,16 +103,19 @@ def _image(layout: Layout, rng: random.Random, layer_sizes: Sequence[int], platf
 
 
 def build_image(root: Path | str, tag: str, layer_sizes: Sequence[int], *, seed: int | None = None,
-                platforms: Sequence[str] = (), base_layers: Sequence[int] = ()) -> Descriptor:
+                platforms: Sequence[str] = (), base_layers: Sequence[int] = (),
+                base_seed: int | None = None) -> Descriptor:
     """Write an image tagged ``tag`` into the layout at ``root`` (created when missing).
 
     Without ``platforms`` the image is one linux/amd64 manifest. With platforms (``os/arch``) it
     is an index with one manifest per platform; ``base_layers`` are shared by all of them and
-    ``layer_sizes`` are made anew for each.
+    ``layer_sizes`` are made anew for each. With ``base_seed`` the base layers come from their own
+    generator, so images built with different seeds share them (as images on one base image do).
     """
     layout = Layout.create(root)
     rng = random.Random(seed if seed is not None else secrets.randbits(64))
-    base = [_write_layer(layout, rng, size, f"base/layer-{i}.bin") for i, size in enumerate(base_layers)]
+    base_rng = random.Random(base_seed) if base_seed is not None else rng
+    base = [_write_layer(layout, base_rng, size, f"base/layer-{i}.bin") for i, size in enumerate(base_layers)]
     if not platforms:
         desc = _image(layout, rng, layer_sizes, ("linux", "amd64"), base)
         desc = Descriptor(desc.media_type, desc.digest, desc.size)

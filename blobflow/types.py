@@ -112,6 +112,7 @@ class Descriptor:
 
 DEFAULT_REGISTRY = "docker.io"
 _DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+_MAX_NAME = 255  # docker's limit on registry/repository
 _REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
@@ -148,6 +149,8 @@ class Reference:
             name, _, tag = rest.rpartition(":")
             if not _TAG.fullmatch(tag):
                 raise InvalidReferenceError(f"invalid reference {orig!r}: bad tag {tag!r}")
+        if len(registry) + 1 + len(name) > _MAX_NAME:
+            raise InvalidReferenceError(f"invalid reference {orig[:80]!r}...: name longer than {_MAX_NAME} characters")
         if not name or not all(_REPO_COMPONENT.fullmatch(p) for p in name.split("/")):
             raise InvalidReferenceError(
                 f"invalid reference {orig!r}: repository must be lowercase letters, digits and separators"
@@ -216,9 +219,14 @@ def _check_registry(registry: str, orig: str) -> None:
             ipaddress.IPv6Address(registry[1:end])
         except ValueError:
             raise InvalidReferenceError(f"invalid reference {orig!r}: bad IPv6 registry") from None
-        port = registry[end + 1 :].removeprefix(":")
+        port = registry[end + 1 :]
+        if port == ":" or (port and not port.startswith(":")):
+            raise InvalidReferenceError(f"invalid reference {orig!r}: bad registry port after {registry[:end + 1]}")
+        port = port.removeprefix(":")
     elif ":" in registry:
         host, _, port = registry.partition(":")
+        if not port:
+            raise InvalidReferenceError(f"invalid reference {orig!r}: empty registry port")
     if not registry.startswith("[") and not _HOST.fullmatch(host):
         raise InvalidReferenceError(f"invalid reference {orig!r}: bad registry host {host!r}")
     if port and (not port.isdigit() or not 0 < int(port) < 65536):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Literal
+
 from ..errors import BadInputError
 from ..progress import Event
 from ..retry import with_retries
@@ -12,8 +15,18 @@ from .download import Download
 from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd
 from .upload import Push, file_opener
 
-__all__ = ["Context", "End", "FileEnd", "ImageEnd", "LayoutEnd", "RawManifest", "RegistryEnd", "ensure_blob",
-           "make_transfer"]
+__all__ = [
+    "Context",
+    "End",
+    "FileEnd",
+    "ImageEnd",
+    "LayoutEnd",
+    "Outcome",
+    "RawManifest",
+    "RegistryEnd",
+    "ensure_blob",
+    "make_transfer",
+]
 
 
 def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Download | Push:
@@ -27,30 +40,44 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
 
-async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> None:
-    """Make ``desc`` present at ``dst``.
+Outcome = Literal["moved", "skipped", "mounted", "shared"]
+
+
+async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> Outcome:
+    """Make ``desc`` present at ``dst``; say how: moved, skipped (already there), mounted, or
+    shared (another image of the job moved it).
 
     One transfer per destination and digest (single flight): when several repositories of one
     registry need the same blob, the first moves it and the others mount it from there.
     """
-    landed = await ctx.scheduler.submit((dst.key, desc.digest), desc.size,
-                                        lambda: _place(ctx, src, dst, desc))
+    ran = False
+
+    def place() -> Awaitable[tuple[str, Outcome]]:
+        nonlocal ran
+        ran = True
+        return _place(ctx, src, dst, desc)
+
+    landed, outcome = await ctx.scheduler.submit((dst.key, desc.digest), desc.size, place)
     if landed != dst.location:
-        await ctx.scheduler.submit((dst.key, dst.location, desc.digest), 0,
-                                   lambda: _place(ctx, src, dst, desc))
+        ran = False
+        landed, outcome = await ctx.scheduler.submit((dst.key, dst.location, desc.digest), 0, place)
+    return outcome if ran else "shared"
 
 
-async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> str:
+async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[str, Outcome]:
     mover: Download | Push | None = None
     digest = desc.digest.short
+    outcome: Outcome = "moved"
 
     async def attempt() -> None:
-        nonlocal mover
+        nonlocal mover, outcome
         if mover is None:  # a resumed attempt has state and must not ask again
             if await dst.has_blob(desc):
                 ctx.emit(Event("skipped", digest, size=desc.size, target=str(dst)))
+                outcome = "skipped"
                 return
             if isinstance(dst, RegistryEnd) and await _mount(ctx, src, dst, desc):
+                outcome = "mounted"
                 return
             mover = make_transfer(ctx, src, dst, desc)
             ctx.emit(Event("blob_start", digest, size=desc.size, target=str(dst)))
@@ -70,7 +97,7 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> str:
             mover.close()
     if isinstance(dst, RegistryEnd):
         ctx.remember(dst.client.registry, desc.digest, dst.repository)
-    return dst.location
+    return dst.location, outcome
 
 
 async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool:

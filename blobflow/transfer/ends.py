@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ManifestError, NotFoundError
+from ..errors import LayoutError, ManifestError
 from ..layout import BlobWriter, Layout
 from ..registry import MAX_MANIFEST, RegistryClient
 from ..types import ALL_MANIFEST_TYPES, INDEX_TYPES, MEDIA_OCI_MANIFEST, Descriptor, Digest
@@ -151,7 +151,7 @@ class LayoutEnd:
     def source_path(self, desc: Descriptor) -> Path:
         path = self.layout.blob_path(desc.digest)
         if not path.exists():
-            raise NotFoundError(f"{self.layout.root}: blob {desc.digest} is missing from the layout")
+            raise LayoutError(f"{self.layout.root}: blob {desc.digest} is missing from the layout")
         return path
 
     def blob_writer(self, desc: Descriptor) -> BlobWriter:

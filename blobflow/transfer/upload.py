@@ -147,6 +147,7 @@ class Push:
 
     def close(self) -> None:
         self.snapshots.clear()
+        self.record.release()
         if self.ticket is not None and self.ctx.deadlines is not None:
             self.ctx.deadlines.release(self.ticket)
             self.ticket = None

@@ -1,0 +1,218 @@
+"""Moving whole images: every operation walks an image the same way, whatever its ends are.
+
+Read the source manifest (and an index's children), make every blob present at the destination
+through the scheduler, then write manifests children first and the tagged root last, so nothing
+ever references a missing blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .config import EngineConfig
+from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError
+from .progress import Event
+from .retry import with_retries
+from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
+from .types import Descriptor, Digest, Reference
+
+__all__ = ["ImageOutcome", "Platform", "check_annotations", "collect", "fetch_root", "preflight_sizes",
+           "retrying", "transfer_image"]
+
+T = TypeVar("T")
+GHCR_DESCRIPTION_MAX = 512
+GHCR_LICENSES_MAX = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise BadInputError(f"invalid platform {text!r}: expected os/arch[/variant], e.g. linux/arm64")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    def matches(self, spec: Mapping[str, Any] | None) -> bool:
+        spec = spec or {}
+        return (spec.get("os") == self.os and spec.get("architecture") == self.architecture
+                and (self.variant is None or spec.get("variant") == self.variant))
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+
+async def fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
+    if isinstance(src, LayoutEnd):
+        return await src.fetch_manifest(ref if isinstance(ref, str) or ref is None else ref.tag)
+    assert isinstance(src, RegistryEnd) and isinstance(ref, Reference)
+    try:
+        return await src.fetch_manifest(ref.reference)
+    except NotFoundError as e:
+        if ref.digest is None and ref.tag == "latest":
+            tags: list[str] = []
+            with contextlib.suppress(BlobflowError):
+                tags = await src.client.list_tags(src.repository, page_size=20)
+            hint = f"; tags that exist: {', '.join(tags[:8])}" if tags else ""
+            raise NotFoundError(f"{ref}: tag 'latest' does not exist{hint}", status=404,
+                                code=e.code) from None
+        raise
+
+
+async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, depth: int = 0, *,
+                  platforms: Sequence[Platform] | None = None) -> tuple[RawManifest, list[RawManifest]]:
+    """The root to write and the manifests below it.
+
+    With ``platform``, the root becomes that platform's manifest (as skopeo and crane do). With
+    ``platforms``, an index keeps only the children of those platforms: when that is all of them
+    the index is kept as it is (same digest), else a new index of the chosen children is written.
+    """
+    if not root.is_index:
+        return root, [root]
+    if depth > 1:
+        raise ManifestError(f"index {root.digest.short} nests indexes too deeply")
+    children = root.children()
+    if platforms is not None:
+        keep = [c for c in children if any(p.matches(c.platform) for p in platforms)]
+        if not keep:
+            raise NotFoundError(f"index {root.digest.short} has none of the platforms "
+                                f"{', '.join(map(str, platforms))}")
+        if len(keep) != len(children):
+            doc = root.doc
+            doc["manifests"] = [c.to_json() for c in keep]
+            root = RawManifest.parse_bytes(json.dumps(doc, indent=2).encode(), root.media_type)
+            children = keep
+    if platform is not None:
+        match = [c for c in children if platform.matches(c.platform)]
+        if not match:
+            have = ", ".join(f"{(c.platform or {}).get('os')}/{(c.platform or {}).get('architecture')}"
+                             for c in children if c.platform)
+            raise NotFoundError(f"no {platform} image in index {root.digest.short} (has: {have or 'none'})")
+        return await collect(src, await src.fetch_child(match[0]), platform, depth + 1)
+    images: list[RawManifest] = []
+    for c in children:
+        child = await src.fetch_child(c)
+        if child.is_index:
+            images.extend((await collect(src, child, None, depth + 1))[1])
+            images.append(child)
+        else:
+            images.append(child)
+    return root, images
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOutcome:
+    """What moving one image did."""
+
+    source: str
+    destination: str
+    digest: str
+    manifests: int
+    blobs: int
+    moved: int = 0
+    skipped: int = 0
+    mounted: int = 0
+    shared: int = 0
+    bytes: int = 0
+
+
+async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str | None, dst: ImageEnd,
+                         tag: str | None, *, platform: Platform | None = None,
+                         platforms: Sequence[str] | None = None, annotations: Mapping[str, str] | None = None,
+                         dry_run: bool = False) -> ImageOutcome:
+    """Make the image at ``src`` present at ``dst`` under ``tag``: blobs first, then manifests,
+    children before the root. With ``dry_run`` nothing is written: the outcome says what would
+    move (blobs absent at the destination and their bytes)."""
+    wanted = [Platform.parse(p) for p in platforms] if platforms is not None else None
+    root = await retrying(ctx, str(src), lambda: fetch_root(src, src_ref))
+    root, manifests = await retrying(ctx, str(src), lambda: collect(src, root, platform, platforms=wanted))
+    if annotations:
+        root = annotate(root, annotations)
+    blobs: dict[Digest, Descriptor] = {}
+    for m in manifests:
+        if not m.is_index:
+            for d in m.blobs():
+                blobs.setdefault(d.digest, d)
+    if isinstance(dst, RegistryEnd):
+        preflight_sizes(ctx.config, dst.client.registry, list(blobs.values()))
+    where = f"{dst}:{tag}" if tag else str(dst)
+    if dry_run:
+        missing = []
+        for d in blobs.values():
+            if not await retrying(ctx, str(dst), functools.partial(dst.has_blob, d)):
+                missing.append(d)
+        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(manifests), len(blobs),
+                            moved=len(missing), bytes=sum(d.size for d in missing))
+    futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d)) for d in blobs.values()]
+    outcomes: Counter[str] = Counter()
+    moved_bytes = 0
+    if futures:
+        await asyncio.wait(futures)
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        for d, f in zip(blobs.values(), futures, strict=True):
+            outcomes[f.result()] += 1
+            moved_bytes += d.size if f.result() == "moved" else 0
+    written = 0
+    for m in manifests:
+        if m is not root:
+            await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
+            written += 1
+    await retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
+    if isinstance(dst, LayoutEnd):
+        dst.set_tag(tag, root)
+    ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
+    return ImageOutcome(str(src_ref or src), where, str(root.digest), written + 1, len(blobs),
+                        moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
+                        shared=outcomes["shared"], bytes=moved_bytes)
+
+
+async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    cfg = ctx.config
+    return await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
+                              emit=ctx.emit, what=what)
+
+
+def annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:
+    doc = raw.doc
+    doc["annotations"] = {**(doc.get("annotations") or {}), **annotations}
+    data = json.dumps(doc, indent=2).encode()
+    return RawManifest.parse_bytes(data, raw.media_type)
+
+
+def check_annotations(ref: Reference, annotations: Mapping[str, str] | None) -> None:
+    """GHCR's documented limits on the package description and licenses annotations."""
+    if not annotations or ref.registry != "ghcr.io":
+        return
+    desc = annotations.get("org.opencontainers.image.description", "")
+    if len(desc) > GHCR_DESCRIPTION_MAX:
+        raise BadInputError(f"ghcr.io allows at most {GHCR_DESCRIPTION_MAX} characters in "
+                            f"org.opencontainers.image.description; this one has {len(desc)}")
+    lic = annotations.get("org.opencontainers.image.licenses", "")
+    if len(lic) > GHCR_LICENSES_MAX:
+        raise BadInputError(f"ghcr.io allows at most {GHCR_LICENSES_MAX} characters in "
+                            f"org.opencontainers.image.licenses; this one has {len(lic)}")
+
+
+def preflight_sizes(config: EngineConfig, registry: str, blobs: list[Descriptor]) -> None:
+    """Refuse, before any byte is sent, a layer over the destination's size limit."""
+    limit = config.limits(registry).max_layer_size
+    if limit is None:
+        return
+    for d in blobs:
+        if d.size > limit:
+            raise LimitExceededError(f"layer {d.digest} is {d.size:,} bytes, over {registry}'s limit of "
+                                     f"{limit:,} bytes per layer; nothing was sent")

@@ -1,0 +1,265 @@
+"""Mirror plans: many copies in one job, sharded deterministically, each image isolated.
+
+A plan is a TOML file (stdlib ``tomllib``: no new dependency, and unlike YAML it never turns a
+tag such as ``1.10`` into the number 1.1)::
+
+    [defaults]
+    platforms = "all"              # or ["linux/amd64", "linux/arm64"]
+    concurrency = 16               # blob transfers at once (the CLI flag wins)
+    rate = 20                      # requests per second per source host (0: unlimited)
+
+    [[mirror]]
+    source = "docker.io/library/alpine"
+    destination = "registry.example.com/mirror/alpine"
+    tags = ["3.19", "3.20"]        # an explicit list, or select from all tags:
+    # include = ['^3\\.\\d+$']     # regexes a tag must match (any of them)
+    # exclude = ['-rc']            # regexes that drop a tag
+    # newest = 5                   # then keep the newest N by version order
+
+Everything here but :func:`run_mirror` is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInputError, BlobflowError
+from .images import ImageOutcome, transfer_image
+from .transfer import Context, RegistryEnd
+from .types import Reference
+
+__all__ = ["MirrorEntry", "MirrorItem", "MirrorPlan", "load_plan", "run_mirror", "select_tags", "shard_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorEntry:
+    source: Reference
+    destination: Reference
+    tags: tuple[str, ...] | None = None
+    include: tuple[re.Pattern[str], ...] = ()
+    exclude: tuple[re.Pattern[str], ...] = ()
+    newest: int | None = None
+    platforms: tuple[str, ...] | None = None  # None: every platform, the index as it is
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPlan:
+    entries: tuple[MirrorEntry, ...]
+    concurrency: int | None = None
+    rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorItem:
+    """One image to mirror: source and destination references with their tags."""
+
+    source: Reference
+    destination: Reference
+    platforms: tuple[str, ...] | None = None
+
+
+@dataclass
+class ImageReport:
+    source: str
+    destination: str
+    status: str  # "copied", "up to date", "failed", "would copy"
+    source_digest: str = ""
+    destination_digest: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    blobs: int = 0
+    skipped: int = 0
+    mounted: int = 0
+    error: str = ""
+
+
+@dataclass
+class MirrorResult:
+    images: list[ImageReport] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    shard: str = "0/1"
+
+    @property
+    def failed(self) -> list[ImageReport]:
+        return [i for i in self.images if i.status == "failed"]
+
+
+def _patterns(values: Any, what: str) -> tuple[re.Pattern[str], ...]:
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise BadInputError(f"{what} must be a regex or a list of regexes")
+    try:
+        return tuple(re.compile(v) for v in values)
+    except re.error as e:
+        raise BadInputError(f"{what}: invalid regex {e.pattern!r}: {e}") from None
+
+
+def _platforms(value: Any, what: str) -> tuple[str, ...] | None:
+    if value is None or value == "all":
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.count("/") in (1, 2)
+                                                           for v in value):
+        raise BadInputError(f'{what} must be "all" or a list like ["linux/amd64", "linux/arm64"]')
+    return tuple(value)
+
+
+def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise BadInputError(f"{origin}: [defaults] must be a table")
+    entries_raw = data.get("mirror")
+    if not isinstance(entries_raw, list) or not entries_raw:
+        raise BadInputError(f"{origin}: no [[mirror]] entries")
+    unknown = set(data) - {"defaults", "mirror"}
+    if unknown:
+        raise BadInputError(f"{origin}: unknown section(s) {', '.join(sorted(unknown))}")
+    entries = []
+    for i, raw in enumerate(entries_raw, 1):
+        what = f"{origin}: mirror entry {i}"
+        if not isinstance(raw, dict):
+            raise BadInputError(f"{what} must be a table")
+        extra = set(raw) - {"source", "destination", "tags", "include", "exclude", "newest", "platforms"}
+        if extra:
+            raise BadInputError(f"{what}: unknown key(s) {', '.join(sorted(extra))}")
+        try:
+            source = Reference.parse(str(raw["source"]), default_tag=None)
+            destination = Reference.parse(str(raw["destination"]), default_tag=None)
+        except KeyError as e:
+            raise BadInputError(f"{what} lacks {e.args[0]!r}") from None
+        except BadInputError as e:
+            raise BadInputError(f"{what}: {e}") from None
+        if source.digest or destination.digest:
+            raise BadInputError(f"{what}: mirror repositories or tags, not digests")
+        tags = raw.get("tags")
+        if source.tag:
+            if tags is not None:
+                raise BadInputError(f"{what}: give the tag in source or in tags, not both")
+            tags = [source.tag]
+        if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+            raise BadInputError(f"{what}: tags must be a list of strings")
+        newest = raw.get("newest")
+        if newest is not None and (not isinstance(newest, int) or newest < 1):
+            raise BadInputError(f"{what}: newest must be a whole number of at least 1")
+        entries.append(MirrorEntry(
+            source.with_tag(None), destination.with_tag(None), tuple(tags) if tags is not None else None,
+            _patterns(raw.get("include"), f"{what}: include"), _patterns(raw.get("exclude"), f"{what}: exclude"),
+            newest, _platforms(raw.get("platforms", defaults.get("platforms")), f"{what}: platforms")))
+    concurrency = defaults.get("concurrency")
+    rate = defaults.get("rate")
+    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+        raise BadInputError(f"{origin}: defaults.concurrency must be a whole number of at least 1")
+    if rate is not None and (not isinstance(rate, int | float) or rate < 0):
+        raise BadInputError(f"{origin}: defaults.rate must be a number of requests per second")
+    return MirrorPlan(tuple(entries), concurrency, float(rate) if rate is not None else None)
+
+
+def load_plan(path: Path | str) -> MirrorPlan:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"plan {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read plan {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInputError(f"plan {path} is not valid TOML: {e}") from None
+    return parse_plan(data, origin=str(path))
+
+
+def _version_key(tag: str) -> tuple[tuple[int, int | str], ...]:
+    """Numbers compare as numbers, text as text: 1.9 < 1.10, and 3.20 > 3.9."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d]+", tag))
+
+
+def select_tags(available: Sequence[str], entry: MirrorEntry) -> list[str]:
+    """The tags of ``entry`` to mirror, in version order."""
+    if entry.tags is not None:
+        return list(entry.tags)
+    tags = [t for t in available
+            if (not entry.include or any(p.search(t) for p in entry.include))
+            and not any(p.search(t) for p in entry.exclude)]
+    tags.sort(key=_version_key)
+    if entry.newest is not None:
+        tags = tags[-entry.newest:]
+    return tags
+
+
+def shard_of(source: str, shards: int) -> int:
+    """Which of ``shards`` shards mirrors ``source`` (stable across machines and runs)."""
+    return int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big") % shards
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise BadInputError(f"invalid --shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+async def expand(ctx: Context, plan: MirrorPlan, end: Any) -> list[MirrorItem]:
+    """Resolve each entry's tags (listing the source repository when it selects by pattern)."""
+    items: list[MirrorItem] = []
+    for entry in plan.entries:
+        available: list[str] = []
+        if entry.tags is None:
+            src = end(ctx, entry.source)
+            available = await src.client.list_tags(src.repository)
+        for tag in select_tags(available, entry):
+            items.append(MirrorItem(entry.source.with_tag(tag), entry.destination.with_tag(tag), entry.platforms))
+    return items
+
+
+async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool) -> ImageReport:
+    report = ImageReport(str(item.source), str(item.destination), "failed")
+    started = time.monotonic()
+    src: RegistryEnd = end(ctx, item.source)
+    dst: RegistryEnd = end(ctx, item.destination)
+    try:
+        source_digest = await src.manifest_digest(item.source.reference)
+        report.source_digest = str(source_digest or "")
+        dest_digest = await dst.manifest_digest(item.destination.reference)
+        if source_digest is not None and dest_digest == source_digest and item.platforms is None:
+            report.status, report.destination_digest = "up to date", str(dest_digest)
+            return report
+        outcome: ImageOutcome = await transfer_image(ctx, src, item.source, dst, item.destination.tag,
+                                                     platforms=item.platforms, dry_run=dry_run)
+        report.status = "would copy" if dry_run else "copied"
+        report.destination_digest = outcome.digest
+        report.bytes, report.blobs = outcome.bytes, outcome.moved
+        report.skipped, report.mounted = outcome.skipped, outcome.mounted
+    except BlobflowError as e:
+        report.error = str(e)
+    finally:
+        report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[int, int] = (0, 1),
+                     dry_run: bool = False) -> MirrorResult:
+    """Mirror every item of this shard in one job: one scheduler, so shared blobs move once."""
+    started = time.monotonic()
+    index, shards = shard
+    result = MirrorResult(shard=f"{index}/{shards}")
+    items = [i for i in await expand(ctx, plan, end) if shard_of(str(i.source), shards) == index]
+    futures = [ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run)) for item in items]
+    for fut in futures:
+        with contextlib.suppress(asyncio.CancelledError):
+            result.images.append(await fut)
+    result.requests = {name: c.requests for name, c in ctx.pool.clients.items()}
+    result.seconds = round(time.monotonic() - started, 3)
+    return result

@@ -1,0 +1,208 @@
+"""Mirror plans: many tags across repositories, politely, resumably, and sharded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MakeProxy
+from faultproxy import BLOB_PATH
+
+import blobflow
+from blobflow.errors import BadInputError
+from blobflow.localreg import LocalRegistry
+from blobflow.mirror import MirrorEntry, load_plan, parse_plan, parse_shard, select_tags, shard_of
+from blobflow.synth import build_image
+from blobflow.types import Reference
+
+KiB = 1024
+REPOS = 8
+TAGS = 5  # 8 repositories x 5 tags = 40 images
+
+
+def _entry(**kw: object) -> MirrorEntry:
+    return MirrorEntry(Reference.parse("r.example/a", default_tag=None), Reference.parse("m.example/a",
+                                                                                       default_tag=None), **kw)  # type: ignore[arg-type]
+
+
+def test_select_tags_filters_then_keeps_the_newest_by_version_order() -> None:
+    tags = ["1.9", "1.10", "1.2", "latest", "1.10-rc1", "2.0", "1.11"]
+    entry = _entry(include=(re.compile(r"^\d+\.\d+"),), exclude=(re.compile("-rc"),), newest=3)
+    assert select_tags(tags, entry) == ["1.10", "1.11", "2.0"]
+    assert select_tags(tags, _entry(tags=("x", "y"))) == ["x", "y"]
+    assert select_tags(tags, _entry()) == ["1.2", "1.9", "1.10", "1.10-rc1", "1.11", "2.0", "latest"]
+
+
+def test_shards_partition_the_plan_deterministically() -> None:
+    names = [f"r.example/repo{i}:{t}" for i in range(30) for t in range(4)]
+    owners = [shard_of(n, 3) for n in names]
+    assert owners == [shard_of(n, 3) for n in names]  # stable
+    assert set(owners) == {0, 1, 2}  # every shard gets work
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "a/b", "1", "-1/2", "0/0"):
+        with pytest.raises(BadInputError):
+            parse_shard(bad)
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    ({}, "no \\[\\[mirror\\]\\]"),
+    ({"mirror": [{"source": "a"}]}, "lacks 'destination'"),
+    ({"mirror": [{"source": "a", "destination": "b", "newest": 0}]}, "newest"),
+    ({"mirror": [{"source": "a", "destination": "b", "include": "("}]}, "invalid regex"),
+    ({"mirror": [{"source": "a", "destination": "b", "colour": "red"}]}, "unknown key"),
+    ({"mirror": [{"source": "a:1", "destination": "b", "tags": ["2"]}]}, "not both"),
+    ({"mirror": [{"source": "a", "destination": "b", "platforms": ["linux"]}]}, "platforms"),
+    ({"mirror": [{"source": "UPPER", "destination": "b"}]}, "invalid reference"),
+])
+def test_bad_plans_are_bad_input(plan: dict[str, object], message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        parse_plan(plan)
+
+
+def test_a_plan_file_that_is_not_toml_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "plan.toml").write_text("[[mirror]\nsource = ")
+    with pytest.raises(BadInputError, match="not valid TOML"):
+        load_plan(tmp_path / "plan.toml")
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_plan(tmp_path / "nope.toml")
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 repositories of 5 tags as layouts; every image shares one base layer."""
+    root = tmp_path_factory.mktemp("mirror-images")
+    for r in range(REPOS):
+        for t in range(TAGS):
+            build_image(root / f"{r}-{t}", f"1.{t}", [16 * KiB], seed=r * 100 + t, base_layers=[256 * KiB],
+                        base_seed=1)
+    return root
+
+
+async def _populate(registry: LocalRegistry, layouts: Path, tmp_path: Path) -> dict[str, str]:
+    """Push the 40 images to ``registry``; returns image -> manifest digest."""
+    client = blobflow.Client(blobflow.EngineConfig(plain_http=True, state_dir=str(tmp_path / "state")))
+
+    async def push_repo(r: int) -> dict[str, str]:
+        # one repository's tags one after another: Distribution 2.8 races when separate clients
+        # commit the same blob into one repository at once (a half-written link file makes a
+        # concurrent manifest PUT fail with DIGEST_INVALID); within one blobflow job the
+        # scheduler's single flight never does that
+        out = {}
+        for t in range(TAGS):
+            result = await client.push(layouts / f"{r}-{t}", f"{registry.host}/lib/app{r}:1.{t}")
+            out[f"lib/app{r}:1.{t}"] = result.images[0].digest
+        return out
+
+    digests: dict[str, str] = {}
+    for part in await asyncio.gather(*(push_repo(r) for r in range(REPOS))):
+        digests.update(part)
+    return digests
+
+
+def _base_layer(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    return str(manifest["layers"][0]["digest"])
+
+
+def _plan(path: Path, src: str, dst: str, *, broken: bool = False) -> Path:
+    lines = ["[defaults]", "concurrency = 8", ""]
+    for r in range(REPOS):
+        lines += ["[[mirror]]", f'source = "{src}/lib/app{r}"', f'destination = "{dst}/mirror/app{r}"',
+                  "include = ['^1\\.\\d+$']", ""]
+    if broken:
+        lines += ["[[mirror]]", f'source = "{src}/lib/broken"', f'destination = "{dst}/mirror/broken"',
+                  'tags = ["1.0"]', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+async def _mirror(plan: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "blobflow", "mirror", "--plain-http", str(plan), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_mirror_plan_moves_every_tag_once_then_nothing(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path, layouts: Path,
+) -> None:
+    digests = await _populate(registry, layouts, tmp_path)
+    p = await proxy(registry)
+    plan = _plan(tmp_path / "plan.toml", p.host, registry2.host)
+
+    code, out, err = await _mirror(plan, "--report", str(tmp_path / "report.json"), "--state-dir",
+                                   str(tmp_path / "state"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["images"]) == REPOS * TAGS
+    dest = blobflow.Client(blobflow.EngineConfig(plain_http=True))
+    for name, digest in digests.items():
+        raw = await dest.inspect(f"{registry2.host}/{name.replace('lib/', 'mirror/')}")
+        assert str(raw.digest) == digest, name
+    assert all(i["source_digest"] == i["destination_digest"] for i in report["images"])
+    # every blob crossed once: the shared base layer was fetched once, then mounted
+    blob_gets = [path for method, path, _ in p.log if method == "GET" and BLOB_PATH.match(path)]
+    assert len(blob_gets) == len(set(blob_gets))
+    base = _base_layer(layouts / "0-0")
+    assert sum(path.endswith(base) for path in blob_gets) == 1
+    assert sum(i["mounted"] for i in report["images"]) >= REPOS - 1
+    assert report["requests_per_host"][p.host] > 0
+
+    # a second run: one HEAD per side and image, no blob traffic at all
+    before = dict(p.counters)
+    code, out, err = await _mirror(plan, "--state-dir", str(tmp_path / "state"))
+    assert code == 0, err
+    assert p.counters["blob_get"] == before.get("blob_get", 0)
+    assert p.counters["bytes_to_client"] - before.get("bytes_to_client", 0) < 16 * KiB  # tag lists only
+    assert out.count("up to date") >= REPOS * TAGS
+
+
+async def test_one_broken_image_exits_3_and_the_rest_are_mirrored(
+    registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path, layouts: Path,
+) -> None:
+    digests = await _populate(registry, layouts, tmp_path)
+    plan = _plan(tmp_path / "plan.toml", registry.host, registry2.host, broken=True)
+    code, out, err = await _mirror(plan, "--report", str(tmp_path / "r.json"), "--state-dir",
+                                   str(tmp_path / "state"))
+    assert code == 3, (out, err)
+    report = json.loads((tmp_path / "r.json").read_text())
+    failed = [i for i in report["images"] if i["status"] == "failed"]
+    assert [i["source"] for i in failed] == [f"{registry.host}/lib/broken:1.0"]
+    assert "MANIFEST_UNKNOWN" in failed[0]["error"] or "NAME_UNKNOWN" in failed[0]["error"]
+    assert sum(i["status"] == "copied" for i in report["images"]) == len(digests)
+    assert "failed" in out
+
+
+async def test_shards_mirror_the_whole_plan_exactly_once(
+    registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path, layouts: Path,
+) -> None:
+    digests = await _populate(registry, layouts, tmp_path)
+    plan = _plan(tmp_path / "plan.toml", registry.host, registry2.host)
+    seen: list[str] = []
+    for i in range(3):
+        code, _, err = await _mirror(plan, "--shard", f"{i}/3", "--report", str(tmp_path / f"r{i}.json"),
+                                     "--state-dir", str(tmp_path / "state"))
+        assert code == 0, err
+        report = json.loads((tmp_path / f"r{i}.json").read_text())
+        assert all(x["status"] == "copied" for x in report["images"]), report
+        seen += [x["source"] for x in report["images"]]
+    assert sorted(seen) == sorted(f"{registry.host}/{name}" for name in digests)
+
+
+async def test_dry_run_writes_nothing(
+    registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path, layouts: Path,
+) -> None:
+    await _populate(registry, layouts, tmp_path)
+    plan = _plan(tmp_path / "plan.toml", registry.host, registry2.host)
+    code, out, err = await _mirror(plan, "--dry-run", "--state-dir", str(tmp_path / "state"))
+    assert code == 0, err
+    assert out.count("would copy") == REPOS * TAGS
+    with pytest.raises(blobflow.NotFoundError):
+        await blobflow.Client(blobflow.EngineConfig(plain_http=True)).inspect(f"{registry2.host}/mirror/app0:1.0")
