@@ -75,7 +75,7 @@ class Client:
         pool = RegistryPool(connections_per_host=cfg.connections_per_host,
                             connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
                             plain_http=cfg.plain_http, ca_file=cfg.ca_file, insecure=cfg.insecure,
-                            credentials=self._credentials)
+                            credentials=self._credentials, rate=cfg.rate)
         async with pool, Scheduler(cfg.concurrency) as sched:
             yield Context(cfg, pool, sched, self.listener, Stats())
 

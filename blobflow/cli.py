@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", default="0/1",
                    help="take a deterministic share of the plan (for N machines; 0 <= I < N)")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
+    p.add_argument("--rate", type=float, metavar="N", help="at most N requests per second to each registry host")
     _common(p)
 
     blob = _command(sub, "blob", "move a single blob", "blobflow blob get ghcr.io/org/app@sha256:... layer.tgz")
@@ -301,10 +302,14 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
     shard = parse_shard(args.shard)
     if plan.concurrency and args.concurrency is None:
         client.config = dataclasses.replace(client.config, concurrency=plan.concurrency)
+    rate = args.rate if args.rate is not None else plan.rate
+    if rate:
+        client.config = dataclasses.replace(client.config, rate=rate)
     result = await client.mirror(plan, shard=shard, dry_run=args.dry_run)
     images = [dataclasses.asdict(i) for i in result.images]
     report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds,
-                              "requests_per_host": result.requests, "images": images}
+                              "requests_per_host": result.requests, "throttled_per_host": result.throttled,
+                              "images": images}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # noqa: ASYNC240 - after the job
     failed = result.failed

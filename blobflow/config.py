@@ -178,6 +178,7 @@ class EngineConfig:
     max_layer_size: int | None = None
     upload_window: float | None = None
     state_dir: str | None = None
+    rate: float | None = None  # requests per second per host (None: unlimited)
     extra_limits: dict[str, RegistryLimits] = field(default_factory=dict, compare=False, hash=False)
     # windowed destinations: admit, pace and fail uploads against their windows (blobflow.deadline);
     # False sends everything at once, as if no registry had a window

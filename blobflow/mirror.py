@@ -86,6 +86,7 @@ class ImageReport:
 class MirrorResult:
     images: list[ImageReport] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)
+    throttled: dict[str, int] = field(default_factory=dict)  # 429/503 answers per host
     seconds: float = 0.0
     shard: str = "0/1"
 
@@ -261,5 +262,6 @@ async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[i
         with contextlib.suppress(asyncio.CancelledError):
             result.images.append(await fut)
     result.requests = {name: c.requests for name, c in ctx.pool.clients.items()}
+    result.throttled = {name: c.gate.throttles for name, c in ctx.pool.clients.items()}
     result.seconds = round(time.monotonic() - started, 3)
     return result

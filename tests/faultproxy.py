@@ -128,6 +128,7 @@ class FaultProxy:
         self.upstream_tls = upstream_tls
         self.counters: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, int]] = []  # (method, path_qs, status); 0 = connection dropped
+        self.arrivals: list[tuple[float, int]] = []  # (monotonic time a request arrived, status answered)
         self.sessions: dict[str, UploadSession] = {}  # by UUID; only while upload_window is set
         self._rng = random.Random(self.faults.seed)
         self._bucket = _TokenBucket()
@@ -202,6 +203,7 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         method = request.method
+        arrived = time.monotonic()
         self.counters["requests"] += 1
         self.counters[f"requests:{method}"] += 1
         blob_get = method == hdrs.METH_GET and BLOB_PATH.match(request.path) is not None
@@ -217,6 +219,7 @@ class FaultProxy:
                 response, status = await self._forward(request, faulty=faulty, blob_get=blob_get)
             return response
         finally:
+            self.arrivals.append((arrived, status))
             self.log.append((method, request.path_qs, status))
 
     async def _open_session(self, request: web.Request, *, blob_get: bool) -> tuple[web.StreamResponse, int]:

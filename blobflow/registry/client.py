@@ -29,9 +29,10 @@ from ..errors import (
 )
 from ..types import ALL_MANIFEST_TYPES, Descriptor, Digest
 from ._http import mapped as _mapped
-from ._http import open_session, raise_for, read_body
+from ._http import open_session, raise_for, read_body, retry_after
 from .auth import Authenticator
 from .credentials import Credentials, load_credentials
+from .gate import HostGate
 
 __all__ = ["MAX_MANIFEST", "BlobStream", "RegistryClient", "RegistryPool", "Upload", "open_session"]
 
@@ -94,8 +95,9 @@ class RegistryClient:
 
     def __init__(self, session: aiohttp.ClientSession, registry: str, endpoint: str, *,
                  credentials: Credentials | None = None, plain_http: bool = False,
-                 loopback: bool = False) -> None:
+                 loopback: bool = False, rate: float | None = None) -> None:
         self.session = session
+        self.gate = HostGate(rate)
         self.registry = registry
         self.endpoint = endpoint
         self.auth = Authenticator(session, registry, credentials or Credentials())
@@ -163,9 +165,16 @@ class RegistryClient:
                 hdrs["Authorization"] = auth
             self.requests += 1
             body = io.BytesIO(data) if isinstance(data, bytes) and len(data) > 65536 else data
+            if own_host:
+                await self.gate.enter()
             with _mapped(what):
                 resp = await self.session.request(method, url, headers=hdrs, data=body,
                                                   allow_redirects=allow_redirects)
+            if own_host:
+                if resp.status in (429, 503):
+                    self.gate.throttled(retry_after(resp.headers.get("Retry-After")))
+                else:
+                    self.gate.ok()
             if resp.status != 401:
                 return resp
             challenge = resp.headers.get("WWW-Authenticate", "")
@@ -418,7 +427,8 @@ class RegistryPool:
 
     def __init__(self, *, connections_per_host: int, connect_timeout: float, read_timeout: float,
                  plain_http: bool = False, ca_file: str | None = None, insecure: bool = False,
-                 credentials: dict[str, Credentials] | None = None) -> None:
+                 credentials: dict[str, Credentials] | None = None, rate: float | None = None) -> None:
+        self._rate = rate
         self._opts = dict(connections_per_host=connections_per_host, connect_timeout=connect_timeout,
                           read_timeout=read_timeout, ca_file=ca_file, insecure=insecure)
         self._plain_http = plain_http
@@ -445,7 +455,8 @@ class RegistryPool:
             if creds is None:
                 creds = load_credentials(registry)
             self._clients[registry] = RegistryClient(self._session, registry, endpoint, credentials=creds,
-                                                     plain_http=self._plain_http, loopback=loopback)
+                                                     plain_http=self._plain_http, loopback=loopback,
+                                                     rate=self._rate)
         return self._clients[registry]
 
     @property
