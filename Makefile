@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test,dev]'
+	@# byte-compile once: with PYTHONDONTWRITEBYTECODE set, every start would compile again
+	$(VENV)/bin/python -m compileall -q -j 0 blobflow $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
 system-deps: ## install docker-registry and skopeo (Debian packages) when missing

@@ -28,8 +28,8 @@ from .ends import LocalEnd, RegistryEnd
 __all__ = ["Download"]
 
 # journal the ranges at least this often (bytes, seconds): what a kill can cost at most
-_JOURNAL_BYTES = 8 * 1024 * 1024
-_JOURNAL_SECONDS = 0.5
+_JOURNAL_BYTES = 32 * 1024 * 1024
+_JOURNAL_SECONDS = 1.0
 
 
 class Download:
