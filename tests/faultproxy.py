@@ -33,12 +33,15 @@ CHUNK = 64 * 1024
 BLOB_PATH = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 UPLOAD_START = re.compile(r"^/v2/.+/blobs/uploads/?$")
 UPLOAD_SESSION = re.compile(r"^/v2/.+/blobs/uploads/([^/]+)$")  # group 1: the session's UUID
+_STATE = re.compile(r"_state=[^&]*")  # Distribution's signed session state in an upload URL
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
      "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
 )  # fmt: skip
 NOT_FORWARDED = frozenset({"host", "expect", "forwarded", "x-forwarded-host", "x-forwarded-proto"})
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 429: "TOOMANYREQUESTS"}
+# what ghcr.io answers for a Content-Range PATCH over its 4 MiB cap (ocx-sh/ocx#237, rust-oci-client#37)
+GHCR_CHUNK_MESSAGE = "the request body is too large and exceeds the maximum permissible limit of {limit:.2f}MiB"
 
 
 @dataclass
@@ -64,6 +67,23 @@ class Faults:
     # SO_RCVBUF of the proxy's listening socket, read at start(): a small one keeps an emulated
     # uplink's backlog at the sender, as on a real link, not in a loopback buffer of megabytes
     recv_buffer: int | None = None
+    # request size limits of real registries, enforced before anything is forwarded:
+    # ``chunk_cap``: a PATCH with Content-Range over this many bytes gets GHCR's 416
+    # (``GHCR_CHUNK_MESSAGE``); a streamed PATCH without Content-Range passes, as on GHCR.
+    # ``max_body``: any request body over this many bytes gets a bare 413 page (no registry error
+    # body, as a Cloudflare-fronted registry answers)
+    chunk_cap: int | None = None
+    max_body: int | None = None
+    # EMULATION of a registry that keeps what it received (GHCR-like). Distribution forgets a
+    # session whose PATCH body was cut, so with this on a cut PATCH is not cut upstream: the proxy
+    # forwards a *complete* request of the first k bytes (Content-Length k, Content-Range shortened
+    # when present), Distribution commits them, and only the client's connection is dropped. The
+    # client then sees a cut and the registry confirms k bytes. Counted as ``cut_request`` and
+    # ``cut_kept``. PUT bodies are still cut as usual. Distribution also keeps a session's offset in
+    # the ``_state`` query parameter of the Location it answers, which the client of a cut request
+    # never sees; so, as a registry that tracks sessions server-side would, the proxy puts each
+    # session's latest ``_state`` into later requests on it (counted as ``state_refreshed``).
+    keep_received: bool = False
     match: Callable[[web.Request], bool] | None = None
     seed: int | None = None
 
@@ -130,6 +150,7 @@ class FaultProxy:
         self.log: list[tuple[str, str, int]] = []  # (method, path_qs, status); 0 = connection dropped
         self.arrivals: list[tuple[float, int]] = []  # (monotonic time a request arrived, status answered)
         self.sessions: dict[str, UploadSession] = {}  # by UUID; only while upload_window is set
+        self._states: dict[str, str] = {}  # upload UUID -> its latest "_state=..." (keep_received)
         self._rng = random.Random(self.faults.seed)
         self._bucket = _TokenBucket()
         self._runner: web.AppRunner | None = None
@@ -265,6 +286,9 @@ class FaultProxy:
                 self.counters["expired_requests"] += 1
                 error = {"code": "BLOB_UPLOAD_UNKNOWN", "message": "blob upload unknown to registry"}
                 return web.json_response({"errors": [error]}, status=404), 404
+        refused = self._refuse_size(request) if faulty else None
+        if refused is not None:
+            return refused, refused.status
         state = _Body(expires_at, session=session)
         if faulty and self.faults.request_window is not None and request.method in (hdrs.METH_PATCH, hdrs.METH_PUT):
             ends = loop.time() + self.faults.request_window
@@ -279,9 +303,16 @@ class FaultProxy:
             if self._roll(faults.cut_request):
                 length = request.content_length
                 cut_at = int(self._rng.random() * length) if length else self._rng.randrange(CHUNK)
-        body = self._request_body(request, faulty, cut_at, state) if request.body_exists else None
+        keep = cut_at is not None and faults.keep_received and request.method == hdrs.METH_PATCH
+        if keep and cut_at is not None:
+            if cut_at == 0 or not _shorten(headers, cut_at):  # nothing to keep: cut before forwarding
+                self.counters["cut_request"] += 1
+                _drop(request)
+                return web.Response(status=499), 0
+        body = self._request_body(request, faulty, cut_at, state, keep=keep) if request.body_exists else None
         assert self._session is not None
-        target = URL(self.upstream + request.raw_path, encoded=True)
+        raw_path = self._fresh_state(request) if faults.keep_received else request.raw_path
+        target = URL(self.upstream + raw_path, encoded=True)
         try:
             upstream = await self._session.request(
                 request.method, target, headers=headers, data=body, allow_redirects=False
@@ -302,6 +333,14 @@ class FaultProxy:
         if session is not None:
             session.last = loop.time()
             session.committed |= request.method == hdrs.METH_PUT and upstream.status == 201
+        if faults.keep_received:
+            self._remember_state(upstream.headers.get(hdrs.LOCATION, ""))
+        if keep:  # the registry kept the first cut_at bytes; the client only sees its connection drop
+            self.counters["cut_request"] += 1
+            self.counters["cut_kept"] += 1
+            upstream.release()
+            _drop(request)
+            return web.Response(status=499), 0
         async with upstream:
             return await self._relay(request, upstream, faulty=faulty, blob_get=blob_get), upstream.status
 
@@ -352,8 +391,9 @@ class FaultProxy:
         return response
 
     async def _request_body(
-        self, request: web.Request, faulty: bool, cut_at: int | None, state: _Body
+        self, request: web.Request, faulty: bool, cut_at: int | None, state: _Body, *, keep: bool = False
     ) -> AsyncIterator[bytes]:
+        """The body as it goes upstream; cut after ``cut_at`` bytes (``keep``: ended there cleanly)."""
         sent = 0
         chunks = request.content.iter_chunked(CHUNK).__aiter__()
         while True:
@@ -382,8 +422,45 @@ class FaultProxy:
                     state.session.bytes += len(chunk)
             if cut_at is not None and sent >= cut_at:
                 break
-        if cut_at is not None:
+        if cut_at is not None and not keep:
             raise _CutRequest(f"cut after {sent} bytes")
+
+    def _remember_state(self, location: str) -> None:
+        match = UPLOAD_SESSION.match(URL(location).path) if location else None
+        state = _STATE.search(location)
+        if match and state:
+            self._states[match.group(1)] = state.group(0)
+
+    def _fresh_state(self, request: web.Request) -> str:
+        """``request``'s path and query with its session's latest ``_state`` (keep_received)."""
+        match = UPLOAD_SESSION.match(request.path)
+        latest = self._states.get(match.group(1)) if match else None
+        raw = request.raw_path
+        if latest is None or latest in raw or not _STATE.search(raw):
+            return raw
+        self.counters["state_refreshed"] += 1
+        return _STATE.sub(lambda _: latest, raw, count=1)
+
+    def _refuse_size(self, request: web.Request) -> web.Response | None:
+        """The registry's answer to a request over its size limits (``chunk_cap``, ``max_body``)."""
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        span = _range_span(request.headers.get(hdrs.CONTENT_RANGE, ""))
+        if length is None:
+            length = span
+        cap, limit = self.faults.chunk_cap, self.faults.max_body
+        if cap is not None and request.method == hdrs.METH_PATCH and span is not None and (length or 0) > cap:
+            self.counters["chunk_cap_refusals"] += 1
+            error = {"code": "REQUESTED_RANGE_NOT_SATISFIABLE",
+                     "message": GHCR_CHUNK_MESSAGE.format(limit=cap / (1 << 20)), "detail": None}
+            return web.Response(status=416, text=json.dumps({"errors": [error]}), content_type="application/json")
+        if limit is not None and (length or 0) > limit:
+            self.counters["max_body_refusals"] += 1
+            page = "<html><head><title>413 Request Entity Too Large</title></head><body>" \
+                   "<center><h1>413 Request Entity Too Large</h1></center></body></html>"
+            return web.Response(status=413, text=page, content_type="text/html")
+        return None
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         drop = HOP_BY_HOP | NOT_FORWARDED | _connection_tokens(request.headers)
@@ -409,6 +486,27 @@ def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Headers named in ``Connection`` are hop-by-hop too."""
     values = headers.getall(hdrs.CONNECTION, [])
     return frozenset(token.strip().lower() for value in values for token in value.split(","))
+
+
+def _range_span(content_range: str) -> int | None:
+    """Bytes named by an upload's ``Content-Range: <start>-<end>`` (None: absent or unreadable)."""
+    start, _, end = content_range.removeprefix("bytes ").removeprefix("bytes=").partition("-")
+    try:
+        return int(end) - int(start) + 1
+    except ValueError:
+        return None
+
+
+def _shorten(headers: CIMultiDict[str], length: int) -> bool:
+    """Make a PATCH's headers describe only its first ``length`` bytes (False: cannot)."""
+    headers[hdrs.CONTENT_LENGTH] = str(length)
+    content_range = headers.get(hdrs.CONTENT_RANGE)
+    if content_range is not None:
+        start, _, _ = content_range.partition("-")
+        if not start.isdigit():
+            return False
+        headers[hdrs.CONTENT_RANGE] = f"{int(start)}-{int(start) + length - 1}"
+    return True
 
 
 def _drop(request: web.Request) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ..config import EngineConfig
+from ..config import EngineConfig, RegistryLimits
 from ..deadline import DeadlineTracker
 from ..journal import Journal
 from ..progress import Event, Listener, Stats
@@ -26,6 +26,9 @@ class Context:
     journal: Journal = field(init=False)
     # repositories of each registry known to hold a blob: the sources of cross-repository mounts
     locations: dict[tuple[str, Digest], list[str]] = field(default_factory=dict)
+    # limits a registry taught this job by refusing a request as too large (413, GHCR's 416)
+    learned: dict[str, RegistryLimits] = field(default_factory=dict)
+    _limit_notes: dict[tuple[str, bool], str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.deadlines is None:
@@ -37,7 +40,39 @@ class Context:
         if self.listener is not None:
             self.listener(ev)
 
+    def limits(self, registry: str) -> RegistryLimits:
+        """The configured limits of ``registry``, lowered by what it refused earlier in this job."""
+        return self.learned.get(registry) or self.config.limits(registry)
+
+    def learn_limit(self, registry: str, cap: int, *, ranged: bool, why: str) -> bool:
+        """Lower ``registry``'s chunk cap (``ranged``: it refused a ``Content-Range`` PATCH) or its
+        body cap (any request) to ``cap`` bytes for the rest of the job, and say so in the summary.
+        False when that is no lower than what is known: nothing learned.
+        """
+        limits = self.limits(registry)
+        known = limits.max_chunk if ranged else limits.max_body
+        if known is not None and known <= cap:
+            return False
+        self.learned[registry] = replace(limits, max_chunk=cap) if ranged else replace(limits, max_body=cap)
+        what = "chunk (PATCH with Content-Range)" if ranged else "request body"
+        note = (f"{registry}: learned a {what} limit of {_size(cap)} ({why}); "
+                "later uploads of this job stay within it")
+        self.emit(Event("info", target=registry, n=cap, detail=note))
+        # the summary keeps the latest limit learned per registry and kind, not every step down
+        earlier = self._limit_notes.get((registry, ranged))
+        if earlier is not None and earlier in self.stats.notes:
+            self.stats.notes.remove(earlier)
+        self._limit_notes[registry, ranged] = note
+        return True
+
     def remember(self, registry: str, digest: Digest, repository: str) -> None:
         repos = self.locations.setdefault((registry, digest), [])
         if repository not in repos:
             repos.append(repository)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"

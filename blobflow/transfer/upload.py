@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import RegistryLimits
 from ..deadline import UploadTicket
 from ..errors import BlobflowError, DigestMismatchError, NotFoundError, RegistryError, TransferError
-from ..plan import Strategy, choose_upload
+from ..plan import Strategy, choose_upload, refused_body_limit
 from ..progress import Event
 from ..registry import Upload
 from ..retry import backoff_delay
@@ -30,6 +31,7 @@ __all__ = ["Opener", "Push", "file_opener"]
 
 Opener = Callable[[int], AsyncIterator[bytes]]
 _SESSION_LOST = frozenset({"BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID"})
+_MIN_LEARNED = 64 * 1024  # a registry refusing bodies smaller than this is refusing something else
 
 
 def file_opener(path: Path, read_size: int) -> Opener:
@@ -54,7 +56,6 @@ class Push:
         (retrying cannot help); from another registry, a mismatch may be a transient corruption."""
         self.ctx, self.dst, self.desc, self.opener = ctx, dst, desc, opener
         self.local = local
-        self.limits = ctx.config.limits(dst.client.registry)
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
         self._sent_total = 0
@@ -90,31 +91,11 @@ class Push:
             self.snapshots = {0: desc.digest.hasher()}
         up = self.session
         self._save()
-        chunk_size = self.ctx.config.chunk_size
-        if self.ticket.chunk_limit is not None:
-            chunk_size = min(chunk_size or self.ticket.chunk_limit, self.ticket.chunk_limit)
-        plan = choose_upload(desc.size, self.limits, chunk_size=chunk_size,
-                             monolithic_threshold=self.ctx.config.monolithic_threshold,
-                             min_chunk=up.min_chunk)
-        out = _Outgoing(self, up.offset)
         try:
-            if plan.strategy is Strategy.MONOLITHIC and up.offset == 0:
-                body = b"".join([c async for c in out.body(desc.size)])
-                out.check()
-                await client.finish_upload(up, desc.digest, body)
-            elif plan.strategy is Strategy.CHUNKED:
-                while up.offset < desc.size:
-                    n = min(plan.chunk_size, desc.size - up.offset)
-                    await client.upload_chunk(up, out.body(n), n)
-                    self._save()
-                out.check()
-                await client.finish_upload(up, desc.digest)
-            else:
-                if desc.size > up.offset:
-                    await client.upload_chunk(up, out.body(desc.size - up.offset), desc.size - up.offset,
-                                              content_range=False)
-                out.check()
-                await client.finish_upload(up, desc.digest)
+            # a refusal as too large teaches a limit: continue from the offset the registry confirms
+            while not await self._send(up):
+                await client.upload_status(up)
+                self._save()
         except DigestMismatchError:
             with contextlib.suppress(BlobflowError):
                 await client.cancel_upload(up)
@@ -129,10 +110,54 @@ class Push:
             self.session = None
             self.record.discard()
             raise TransferError(f"{e}; starting a new upload session", retryable=True) from None
-        finally:
-            await out.aclose()
         self.session = None
         self.record.discard()
+
+    async def _send(self, up: Upload) -> bool:
+        """Send the rest of the blob from ``up.offset`` and commit it. False when the registry
+        refused a request as too large: the limit is learned (in the job's Context) and nothing is
+        committed; the caller asks the registry for its offset and calls again."""
+        client, desc = self.dst.client, self.desc
+        chunk_size = self.ctx.config.chunk_size
+        if self.ticket is not None and self.ticket.chunk_limit is not None:
+            chunk_size = min(chunk_size or self.ticket.chunk_limit, self.ticket.chunk_limit)
+        plan = choose_upload(desc.size, self.limits, chunk_size=chunk_size,
+                             monolithic_threshold=self.ctx.config.monolithic_threshold,
+                             min_chunk=up.min_chunk, offset=up.offset)
+        out = _Outgoing(self, up.offset)
+        body, ranged = 0, False  # the request in flight: its body size, whether it has Content-Range
+        try:
+            if plan.strategy is Strategy.MONOLITHIC:
+                body = desc.size
+                data = b"".join([c async for c in out.body(desc.size)])
+                out.check()
+                await client.finish_upload(up, desc.digest, data)
+                return True
+            ranged = plan.strategy is Strategy.CHUNKED
+            while up.offset < desc.size:
+                body = min(plan.chunk_size, desc.size - up.offset)
+                await client.upload_chunk(up, out.body(body), body, content_range=ranged)
+                self._save()
+            body, ranged = 0, False
+            out.check()
+            await client.finish_upload(up, desc.digest)
+            return True
+        except RegistryError as e:
+            message = str(e).partition(f": {e.status} ")[2]  # the registry's words, not our request's
+            cap = refused_body_limit(e.status, message, body)
+            why = f"{e.status} for {body:,} bytes in one {'chunk' if ranged else 'request'}"
+            # a 416 refuses Content-Range chunks (streams may still pass); a 413 refuses any body
+            if cap is None or cap < _MIN_LEARNED or not self.ctx.learn_limit(
+                    client.registry, cap, ranged=ranged and e.status == 416, why=why):
+                raise
+            return False
+        finally:
+            await out.aclose()
+
+    @property
+    def limits(self) -> RegistryLimits:
+        """The destination's limits as known now (lowered by refusals earlier in the job)."""
+        return self.ctx.limits(self.dst.client.registry)
 
     @property
     def progress(self) -> int:
