@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup system-deps demo test test-fast lint bench bench-quick clean
+.PHONY: help setup system-deps demo test test-fast lint bench bench-quick bench-mirror bench-registry clean
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,13 @@ bench: setup ## blobflow vs skopeo: pull, push, copy of a 1 GiB image
 
 bench-quick: setup ## the same bench, small image, one repeat
 	$(PY) benches/bench_engine.py --quick
+
+bench-mirror: setup ## blobflow mirror vs skopeo sync: 48 small images sharing layers + 2 large
+	$(PY) benches/bench_mirror.py
+
+bench-registry: setup ## blobflow bench sweep on a local registry -> docs/bench-registry.{json,png}
+	$(VENV)/bin/pip install --quiet -e '.[plot]'
+	$(PY) benches/bench_registry.py
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench

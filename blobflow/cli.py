@@ -52,6 +52,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size_list(text: str) -> tuple[int, ...]:
+    return tuple(_size(t.strip()) for t in text.split(",") if t.strip())
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(t.strip()) for t in text.split(",") if t.strip())
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transfer options")
     g.add_argument("--concurrency", type=_positive_int, metavar="N", help="blobs moved at once (default 8)")
@@ -161,12 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "login", "check credentials with a registry, then store them where docker keeps them "
                  "(its credential helper if one is configured, else $DOCKER_CONFIG/config.json)",
-                 'printf %s "$TOKEN" | blobflow login ghcr.io -u octocat --password-stdin')
+                 'blobflow login ghcr.io -u octocat --password-stdin < token.txt')
     p.add_argument("registry", metavar="REGISTRY", help="host[:port], e.g. ghcr.io or localhost:5000")
     p.add_argument("-u", "--username", help="user name (asked for on a terminal when missing)")
     p.add_argument("--password-stdin", action="store_true",
                    help="read the password or token from standard input (asked for on a terminal otherwise)")
     _connection_and_output(p)
+
+    bench_help = ("benchmark a registry with synthetic blobs: push, pull or copy over a sweep of blob "
+                  "sizes and concurrency levels; a table, --json FILE (schema in blobflow.benchreport) and --plot.\n"
+                  "Runs in TARGET/blobflow-bench-<run id> and deletes what it wrote where the registry allows.\n"
+                  "`blobflow bench compare A.json B.json` prints the ratios between two runs.")
+    bench_example = ("blobflow bench localhost:5000/bench --sizes 1MiB,64MiB --concurrency 1,4 --ops push,pull "
+                     "--repeat 3 --json run.json --plot run.png")
+    # resolve: bench's --concurrency (a list) and --json (a file) replace the common flags of those names
+    p = sub.add_parser("bench", help=bench_help.split(";")[0], description=bench_help,
+                       epilog=f"example:\n  {bench_example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       conflict_handler="resolve")
+    p.add_argument("target", metavar="TARGET|compare", help="REGISTRY[/REPO] to measure, or `compare`")
+    p.add_argument("reports", nargs="*", metavar="A.json B.json", help="with compare: two bench reports")
+    p.add_argument("--sizes", type=_size_list, default=_size_list("1MiB,16MiB"), metavar="SIZE,...",
+                   help="blob sizes (default 1MiB,16MiB)")
+    p.add_argument("--ops", default="push,pull", metavar="OP,...", help="push, pull, copy (default push,pull)")
+    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N", help="samples per cell (default 3)")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="instead of --repeat: run samples in each cell until SECONDS have passed")
+    p.add_argument("--blobs", type=_positive_int, metavar="N",
+                   help="blobs per sample (default max(4, 2 x concurrency))")
+    p.add_argument("--copy-to", metavar="TARGET2", help="the destination registry[/repo] of the copy op")
+    p.add_argument("--plot", metavar="FILE.png|svg", help="throughput and latency charts (needs blobflow[plot])")
+    p.add_argument("--keep", action="store_true", help="do not delete the blobs the run wrote")
+    _common(p)
+    p.add_argument("--concurrency", dest="bench_concurrency", type=_int_list, default=_int_list("1,4"),
+                   metavar="N,...", help="concurrency levels to sweep (default 1,4)")
+    p.add_argument("--json", dest="json_file", metavar="FILE", help="write the full report (every raw sample)")
     return parser
 
 
@@ -228,6 +264,8 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
         return EXIT_OK
     elif cmd == "login":
         return await _login(args, client.config)
+    elif cmd == "bench":
+        return await _bench(args, client.config)
     elif cmd == "inspect":
         raw = await client.inspect(args.image)
         if args.raw:
@@ -295,6 +333,49 @@ async def _login(args: argparse.Namespace, config: EngineConfig) -> int:
     elif not args.quiet:
         print(f"Login Succeeded: {creds.username} at {ref.registry}, stored in {where}")
     return EXIT_OK
+
+
+async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
+    from . import benchreport
+    from .bench import BenchParams, run_bench
+
+    if args.target == "compare":
+        if len(args.reports) != 2:
+            raise BadInputError("bench compare needs two reports: blobflow bench compare A.json B.json")
+        a, b = (benchreport.load_report(r) for r in args.reports)
+        print(benchreport.format_compare(benchreport.compare(a, b), *args.reports))
+        return EXIT_OK
+    if args.reports:
+        raise BadInputError(f"bench takes one TARGET, got also {' '.join(args.reports)}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BadInputError(benchreport.PLOT_MISSING) from None
+    params = BenchParams(target=args.target, sizes=args.sizes, concurrency=args.bench_concurrency,
+                         ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()), repeat=args.repeat,
+                         duration=args.duration, blobs=args.blobs, copy_to=args.copy_to, cleanup=not args.keep)
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    report = await run_bench(params, config=config, log=log)
+    if args.json_file:
+        benchreport.save_report(report, args.json_file)
+    else:
+        for cell in report["cells"]:
+            cell["summary"] = benchreport.summarize_cell(cell["samples"])
+    if args.plot:
+        benchreport.plot_report(report, args.plot)
+    if not args.quiet:
+        print(benchreport.format_table(report))
+        cleanup = report["registry"].get("cleanup", {})
+        print(f"run {report['run_id']} in {report['registry']['registry']}/{report['registry']['repository']}; "
+              f"cleanup: {cleanup.get('deleted', 0)} blobs deleted"
+              + (f", {cleanup['failed']} not: {cleanup['note']}" if cleanup.get("failed") else ""))
+    errors = sum(c["summary"]["errors"] for c in report["cells"])
+    return EXIT_FAILED if errors else EXIT_OK
 
 
 async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) -> int:

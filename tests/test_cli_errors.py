@@ -348,7 +348,6 @@ async def test_help_shows_an_example(cli: Cli) -> None:
             assert "--json" in result.stdout or command == "blob", command
 
 
-@pytest.mark.xfail(strict=True, reason="bug: PRODUCT.md's mirror, login and bench commands are missing from the CLI")
 async def test_help_of_contract_commands(cli: Cli) -> None:
     results = await run_table(cli, {command: [command, "--help"] for command in ["mirror", "login", "bench"]})
 

@@ -12,7 +12,7 @@ from ..types import Descriptor
 from .base import Context
 from .copy import registry_opener
 from .download import Download
-from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd
+from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, StreamEnd
 from .upload import Push, file_opener
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Outcome",
     "RawManifest",
     "RegistryEnd",
+    "StreamEnd",
     "ensure_blob",
     "make_transfer",
 ]
@@ -36,6 +37,8 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
     if isinstance(dst, RegistryEnd):
         if isinstance(src, RegistryEnd):
             return Push(ctx, dst, desc, registry_opener(ctx, src, desc))
+        if isinstance(src, StreamEnd):
+            return Push(ctx, dst, desc, src.open_blob(desc), local=True)
         return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.read_size), local=True)
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 

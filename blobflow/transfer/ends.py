@@ -7,6 +7,7 @@ As in regclient's schemes, a registry and an OCI layout are interchangeable ends
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..layout import BlobWriter, Layout
 from ..registry import MAX_MANIFEST, RegistryClient
 from ..types import ALL_MANIFEST_TYPES, INDEX_TYPES, MEDIA_OCI_MANIFEST, Descriptor, Digest
 
-__all__ = ["FileEnd", "LayoutEnd", "RawManifest", "RegistryEnd"]
+__all__ = ["FileEnd", "LayoutEnd", "RawManifest", "RegistryEnd", "StreamEnd"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,29 @@ class FileEnd:
         return BlobWriter(self.path, desc.digest, desc.size, resumable=True)
 
 
-End = RegistryEnd | LayoutEnd | FileEnd
+class StreamEnd:
+    """A source of blobs made on the fly (the bench's synthetic data): ``open_blob(desc)`` gives an
+    opener, ``opener(offset)`` the blob's bytes from ``offset`` on. A source only."""
+
+    def __init__(self, name: str, open_blob: Callable[[Descriptor], Callable[[int], AsyncIterator[bytes]]]) -> None:
+        self.name = name
+        self.open_blob = open_blob
+
+    @property
+    def key(self) -> str:
+        return f"stream:{self.name}"
+
+    @property
+    def location(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return f"stream:{self.name}"
+
+    async def has_blob(self, desc: Descriptor) -> bool:
+        return False
+
+
+End = RegistryEnd | LayoutEnd | FileEnd | StreamEnd
 ImageEnd = RegistryEnd | LayoutEnd
 LocalEnd = LayoutEnd | FileEnd
