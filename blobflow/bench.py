@@ -399,7 +399,7 @@ class _Bench:
                     nonlocal deleted, failed
                     async with sem:
                         try:
-                            await _delete_blob(client, repo, digest)
+                            await client.delete_blob(repo, digest)
                             deleted += 1
                         except BlobflowError as e:
                             failed += 1
@@ -409,20 +409,6 @@ class _Bench:
         if failed:
             self.notes.append(f"cleanup: {failed} blobs could not be deleted: {note}")
         return {"deleted": deleted, "failed": failed, "note": note}
-
-
-async def _delete_blob(client: RegistryClient, repository: str, digest: Digest) -> None:
-    """``DELETE /v2/<repo>/blobs/<digest>``: 202 deleted, 404 already gone.
-
-    The registry client has no delete endpoint yet (it is being edited elsewhere): this goes through
-    its authenticated ``_send``, so auth, the host gate and redaction still apply.
-    """
-    what = f"{client.registry}/{repository}: delete blob {digest.short}"
-    resp = await client._send("DELETE", f"{await client.base()}/v2/{repository}/blobs/{digest}",
-                              scope=f"repository:{repository}:pull,push,delete", what=what)
-    async with resp:
-        if resp.status not in (202, 204, 404):
-            await client._fail(resp, what)
 
 
 def _deletion_refused(e: BlobflowError) -> str:

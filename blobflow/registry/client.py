@@ -383,6 +383,15 @@ class RegistryClient:
             self._advance(up, resp)
         return up.offset
 
+    async def delete_blob(self, repo: str, digest: Digest) -> None:
+        """``DELETE /v2/<repo>/blobs/<digest>``; a blob already gone (404) is not an error."""
+        what = f"{self.registry}/{repo}: delete blob {digest.short}"
+        resp = await self._send("DELETE", await self._url(f"/v2/{repo}/blobs/{digest}"),
+                                scope=f"repository:{repo}:pull,push,delete", what=what)
+        async with resp:
+            if resp.status not in (202, 204, 404):
+                await self._fail(resp, what)
+
     async def cancel_upload(self, up: Upload) -> None:
         what = f"{self.registry}/{up.repository}: cancel upload"
         resp = await self._send("DELETE", up.location, scope=f"repository:{up.repository}:pull,push",
