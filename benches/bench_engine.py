@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -765,24 +765,33 @@ def report(res: Results, ops: Sequence[str], image: Image) -> str:
                   + "; ".join(f"{k}: {statistics.median(v):.2f} s" for k, v in res.startup.items())]
     if res.sha256_mb_s:
         parts.append(f"sha256 in this Python, one core: {res.sha256_mb_s:.0f} MB/s")
-    nproc = res.machine.get("nproc") or 1
-    shares = [s.other_cpu_s / (s.seconds * nproc) for s in res.samples]
-    if shares:
-        worst = max(res.samples, key=lambda s: s.other_cpu_s / (s.seconds * nproc))
-        parts.append(f"other load on the machine during timed runs: median {statistics.median(shares):.0%} of "
-                     f"{nproc} CPUs, worst {max(shares):.0%} ({worst.op} {worst.tool} #{worst.repeat + 1})"
-                     + ("  <-- the machine was not quiet; timings are noisy" if max(shares) > 0.10 else ""))
-    if res.notes:
-        parts += ["", "notes:", *(f"  - {n}" for n in res.notes)]
+    parts += load_lines(res.machine, res.samples, lambda s: f"{s.op} {s.tool} #{s.repeat + 1}", res.notes)
     return "\n".join(parts)
 
 
-def header(res: Results, runner_rss: str) -> str:
+def load_lines(machine: dict[str, Any], samples: Sequence[Any], label: Callable[[Any], str],
+               notes: Sequence[str]) -> list[str]:
+    """How busy the machine was during the timed runs (samples carry seconds and other_cpu_s), and notes."""
+    out: list[str] = []
+    nproc = machine.get("nproc") or 1
+    timed = [s for s in samples if s.seconds > 0]
+    shares = [s.other_cpu_s / (s.seconds * nproc) for s in timed]
+    if shares:
+        worst = max(timed, key=lambda s: s.other_cpu_s / (s.seconds * nproc))
+        out.append(f"other load on the machine during timed runs: median {statistics.median(shares):.0%} of "
+                   f"{nproc} CPUs, worst {max(shares):.0%} ({label(worst)})"
+                   + ("  <-- the machine was not quiet; timings are noisy" if max(shares) > 0.10 else ""))
+    if notes:
+        out += ["", "notes:", *(f"  - {n}" for n in notes)]
+    return out
+
+
+def header(res: Any, runner_rss: str, *, skip: Sequence[str] = ()) -> str:
     m, v = res.machine, res.versions
     return "\n".join([
         f"machine: nproc {m['nproc']} (cpu_count {m['cpu_count']}), {m['cpu_model']}, {m['memory']} RAM, "
         f"Linux {m['kernel']}, Python {m['python']}, load average at start {m['loadavg_at_start']}",
-        *(f"{k}: {val}" for k, val in v.items()),
+        *(f"{k}: {val}" for k, val in v.items() if k not in skip),
         f"peak RSS via: {runner_rss}",
         f"command: {shlex.join(res.argv)}  (cwd {Path.cwd()})",
     ])

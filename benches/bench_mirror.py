@@ -68,7 +68,9 @@ from bench_engine import (
     BenchError,
     Runner,
     fmt_s,
+    header,
     http_get,
+    load_lines,
     log,
     machine_info,
     read_files,
@@ -456,27 +458,8 @@ def report(res: Results, tools: Sequence[str], source: Source) -> str:
                         "src reqs", "src blob GETs", "src blob MB", "dst reqs", "dst uploads", "dst mounts",
                         "manifest PUTs"], rows))
     parts += ["", *ratios]
-    nproc = res.machine.get("nproc") or 1
-    shares = [s.other_cpu_s / (s.seconds * nproc) for s in res.samples if s.seconds > 0]
-    if shares:
-        worst = max(res.samples, key=lambda s: s.other_cpu_s / (s.seconds * nproc))
-        parts.append(f"other load on the machine during timed runs: median {statistics.median(shares):.0%} of "
-                     f"{nproc} CPUs, worst {max(shares):.0%} ({worst.tool} {worst.phase} #{worst.repeat + 1})"
-                     + ("  <-- the machine was not quiet; timings are noisy" if max(shares) > 0.10 else ""))
-    if res.notes:
-        parts += ["", "notes:", *(f"  - {n}" for n in res.notes)]
+    parts += load_lines(res.machine, res.samples, lambda s: f"{s.tool} {s.phase} #{s.repeat + 1}", res.notes)
     return "\n".join(parts)
-
-
-def header(res: Results, runner: Runner) -> str:
-    m, v = res.machine, res.versions
-    return "\n".join([
-        f"machine: nproc {m['nproc']} (cpu_count {m['cpu_count']}), {m['cpu_model']}, {m['memory']} RAM, "
-        f"Linux {m['kernel']}, Python {m['python']}, load average at start {m['loadavg_at_start']}",
-        *(f"{k}: {val}" for k, val in v.items() if k != "curl"),
-        f"peak RSS via: {runner.rss_method}",
-        f"command: {shlex.join(res.argv)}  (cwd {Path.cwd()})",
-    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +495,7 @@ def run(args: argparse.Namespace, res: Results) -> None:
     with contextlib.ExitStack() as stack:
         bench = MirrorBench(args, stack, res)
         res.machine, res.versions = machine_info(), versions()
-        log(header(res, bench.runner))
+        log(header(res, bench.runner.rss_method, skip=("curl",)))
         log("")
         source = cached_source(bench, QUICK if args.quick else FULL)
         res.source = {"key": source.shape.key, "images": source.images}
@@ -553,7 +536,7 @@ def run(args: argparse.Namespace, res: Results) -> None:
                     shutil.rmtree(dst.root, ignore_errors=True)
 
         log("\n" + "=" * 100)
-        log(header(res, bench.runner))
+        log(header(res, bench.runner.rss_method, skip=("curl",)))
         log("")
         log(report(res, tools, source))
 
