@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._render import JsonRenderer, LogRenderer, Renderer, RichRenderer
+from ._render import JsonRenderer, LogRenderer, Renderer
 from .api import Client
 from .config import EngineConfig, load_registry_limits, parse_size
 from .errors import BadInputError, BlobflowError
@@ -424,6 +424,8 @@ def _renderer(args: argparse.Namespace) -> Renderer:
         return JsonRenderer()
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     if sys.stderr.isatty() and not quiet and args.command in ("pull", "push", "copy", "blob", "mirror"):
+        from ._render_rich import RichRenderer  # only on a terminal: rich is slow to import
+
         return RichRenderer(verbose=verbose, quiet=quiet)
     return LogRenderer(verbose=verbose, quiet=quiet)
 

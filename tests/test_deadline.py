@@ -392,7 +392,7 @@ def test_summary_reports_the_smallest_slack() -> None:
 
 
 def test_rich_progress_shows_the_time_left_in_an_upload_window() -> None:
-    from blobflow._render import RichRenderer, WindowColumn
+    from blobflow._render_rich import RichRenderer, WindowColumn
 
     renderer = RichRenderer(verbose=False, quiet=False)
     with renderer:
