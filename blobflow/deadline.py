@@ -283,6 +283,16 @@ class UploadTicket:
         if self.dest is not None:
             self.dest.session_started(self)
 
+    def session_resumed(self, age: float, sent: int) -> None:
+        """A session from an earlier run, opened ``age`` seconds ago and holding ``sent`` bytes: its
+        window is that much spent (a registry counts from the POST, not from our restart)."""
+        if self.failure is not None:
+            raise self.failure
+        self.started = self.clock() - max(0.0, age)
+        self.sent = sent
+        if self.dest is not None:
+            self.dest.session_started(self)
+
     async def pace(self, n: int) -> None:
         if self.dest is None:
             self.sent += n

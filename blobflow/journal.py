@@ -88,6 +88,7 @@ class UploadRecord:
     size: int
     location: str = ""
     offset: int = 0
+    opened_at: float = 0.0  # wall-clock time the session was opened: its upload window runs from then
     warning: str = ""
     owned: bool = True
     _lock: int = -1
@@ -95,7 +96,7 @@ class UploadRecord:
     def save(self) -> None:
         if self.owned:
             _write(self.file, {"version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
-                               "location": self.location, "offset": self.offset})
+                               "location": self.location, "offset": self.offset, "opened_at": self.opened_at})
 
     def discard(self) -> None:
         if self.owned:
@@ -152,14 +153,15 @@ class Journal:
         try:
             ok = data["kind"] == "upload" and data["digest"] == str(digest) and data["size"] == size
             location, offset = str(data["location"]), int(data["offset"])
-            ok = ok and location.startswith(("http://", "https://")) and 0 <= offset <= size
+            opened_at = float(data.get("opened_at", 0.0))
+            ok = ok and location.startswith(("http://", "https://")) and 0 <= offset <= size and opened_at >= 0
         except (KeyError, TypeError, ValueError):
-            ok, location, offset = False, "", 0
+            ok, location, offset, opened_at = False, "", 0, 0.0
         if not ok:
             file.unlink(missing_ok=True)
             fresh.warning = f"discarded a resume record for {digest.short} that does not match this blob"
             return fresh
-        fresh.location, fresh.offset = location, offset
+        fresh.location, fresh.offset, fresh.opened_at = location, offset, opened_at
         return fresh
 
 

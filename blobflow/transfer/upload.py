@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,11 @@ class Push:
         if self.ticket is None:
             assert self.ctx.deadlines is not None
             self.ticket = await self.ctx.deadlines.admit(self.dst.client.registry, desc.digest, desc.size)
+            if self.session is not None and self.record.opened_at:
+                self.ticket.session_resumed(time.time() - self.record.opened_at, self.session.offset)
         if self.session is None:
             self.session = await client.start_upload(self.dst.repository)
+            self.record.opened_at = time.time()
             self.ticket.session_started()
             self.snapshots = {0: desc.digest.hasher()}
         up = self.session

@@ -1,0 +1,83 @@
+"""The resume journal: records are trusted only when they describe this blob, and owned by one upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from blobflow.deadline import UploadTicket
+from blobflow.journal import Journal, range_checksum
+from blobflow.types import Digest
+
+D1 = Digest("sha256", "1" * 64)
+D2 = Digest("sha256", "2" * 64)
+
+
+def test_upload_record_round_trip_keeps_the_session_and_when_it_was_opened(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    rec = journal.upload("r.example", "a/b", D1, 1000)
+    assert rec.owned and not rec.location
+    rec.location, rec.offset, rec.opened_at = "https://r.example/v2/a/b/blobs/uploads/u1?_state=x", 400, 1234.5
+    rec.save()
+    rec.release()
+    again = journal.upload("r.example", "a/b", D1, 1000)
+    assert (again.location, again.offset, again.opened_at) == (rec.location, 400, 1234.5)
+    # another blob, another repository, or another size: nothing remembered
+    assert not journal.upload("r.example", "a/c", D1, 1000).location
+    assert not journal.upload("r.example", "a/b", D2, 1000).location
+
+
+def test_a_record_in_use_is_not_shared(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    first = journal.upload("r.example", "a/b", D1, 10)
+    first.location = "https://r.example/up/1"
+    first.save()
+    second = journal.upload("r.example", "a/b", D1, 10)
+    assert not second.owned and not second.location
+    second.save()  # an upload that does not own the record must not overwrite it
+    first.release()
+    assert journal.upload("r.example", "a/b", D1, 10).location == "https://r.example/up/1"
+
+
+def test_corrupt_or_mismatched_records_are_discarded_with_a_warning(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    rec = journal.upload("r.example", "a/b", D1, 10)
+    rec.release()
+    rec.file.parent.mkdir(parents=True, exist_ok=True)
+    rec.file.write_text("{not json")
+    again = journal.upload("r.example", "a/b", D1, 10)
+    assert "corrupt" in again.warning and not again.location and not rec.file.exists()
+    again.release()
+    rec.file.write_text(json.dumps({"version": 1, "kind": "upload", "digest": str(D1), "size": 10,
+                                    "location": "file:///etc/passwd", "offset": 3}))
+    third = journal.upload("r.example", "a/b", D1, 10)
+    assert "does not match" in third.warning and not third.location
+
+
+def test_download_ranges_outside_the_blob_are_not_trusted(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    dest, partial = tmp_path / "blob", tmp_path / ".blob.partial"
+    rec = journal.download(dest, D1, 100, partial)
+    rec.ranges = [(0, 50, "abc"), (50, 100, "def")]
+    rec.save()
+    assert journal.download(dest, D1, 100, partial).ranges == [(0, 50, "abc"), (50, 100, "def")]
+    rec.ranges = [(0, 150, "abc")]
+    rec.save()
+    bad = journal.download(dest, D1, 100, partial)
+    assert bad.ranges == [] and "does not match" in bad.warning
+
+
+def test_range_checksum_reads_exactly_the_range() -> None:
+    data = bytes(range(256)) * 100
+    def read_at(offset: int, n: int) -> bytes:
+        return data[offset:offset + n]
+    assert range_checksum(read_at, 10, 5000, piece=333) == range_checksum(read_at, 10, 5000)
+    assert range_checksum(read_at, 10, 5000) != range_checksum(read_at, 11, 5000)
+    assert range_checksum(read_at, 0, len(data) + 1) == ""  # a short file is no match
+
+
+def test_a_resumed_session_has_spent_part_of_its_window() -> None:
+    now = [1000.0]
+    ticket = UploadTicket("ghcr.io", D1, 1000, 600.0, clock=lambda: now[0])
+    ticket.session_resumed(120.0, 400)
+    assert ticket.started == 880.0 and ticket.sent == 400
