@@ -797,7 +797,7 @@ def header(res: Any, runner_rss: str, *, skip: Sequence[str] = ()) -> str:
     ])
 
 
-def write_json(path: Path, res: Results) -> None:
+def write_json(path: Path, res: Any) -> None:
     data = asdict(res)
     path.write_text(json.dumps(data, indent=2) + "\n")
     log(f"raw samples written to {path}")
@@ -911,13 +911,13 @@ def run(args: argparse.Namespace, res: Results) -> None:
         log(report(res, args.ops, image))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    res = Results(argv=[sys.executable, *sys.argv] if argv is None else ["bench_engine.py", *argv])
+def run_guarded(run_bench: Callable[[argparse.Namespace, Any], None], args: argparse.Namespace, res: Any) -> int:
+    """Run a bench: exit 1 with the reason when it aborts, 130 when interrupted (cleanup has run),
+    and write the raw samples with ``--json`` either way."""
     code = 0
     try:
         with signals_as_interrupts():
-            run(args, res)
+            run_bench(args, res)
     except BenchError as e:
         res.error = str(e)
         print(f"\nbench aborted: {e}", file=sys.stderr, flush=True)
@@ -929,6 +929,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(args.json, res)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    res = Results(argv=[sys.executable, *sys.argv] if argv is None else ["bench_engine.py", *argv])
+    return run_guarded(run, args, res)
 
 
 if __name__ == "__main__":

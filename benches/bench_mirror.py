@@ -56,7 +56,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ from bench_engine import (
     log,
     machine_info,
     read_files,
-    signals_as_interrupts,
+    run_guarded,
     table,
     versions,
 )
@@ -544,22 +544,7 @@ def run(args: argparse.Namespace, res: Results) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     res = Results(argv=[sys.executable, *sys.argv] if argv is None else ["bench_mirror.py", *argv])
-    code = 0
-    try:
-        with signals_as_interrupts():
-            run(args, res)
-    except BenchError as e:
-        res.error = str(e)
-        print(f"\nbench aborted: {e}", file=sys.stderr, flush=True)
-        code = 1
-    except KeyboardInterrupt:
-        res.error = "interrupted"
-        print("\nbench interrupted; registries and temp dirs cleaned up", file=sys.stderr, flush=True)
-        code = 130
-    if args.json:
-        args.json.write_text(json.dumps(asdict(res), indent=2) + "\n")
-        log(f"raw samples written to {args.json}")
-    return code
+    return run_guarded(run, args, res)
 
 
 if __name__ == "__main__":
