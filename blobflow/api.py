@@ -95,16 +95,19 @@ class Client:
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
         created = not os.path.exists(directory)  # noqa: ASYNC240 - one stat, before any I/O starts
+        job: Context | None = None
         try:
-            async with self._job() as ctx:
-                src = self._registry_end(ctx, ref)
+            async with self._job() as job:
+                src = self._registry_end(job, ref)
                 dst = LayoutEnd(Layout.create(directory))
-                img = await transfer_image(ctx, src, ref, dst, ref.tag, platform=plat)
+                img = await transfer_image(job, src, ref, dst, ref.tag, platform=plat)
         except BaseException:
-            if created:  # leave nothing that looks like a layout behind
+            # a layout this pull created is removed, unless blob bytes already landed in it: the
+            # journal resumes from those when the same command runs again (after Ctrl-C too)
+            if created and (job is None or job.stats.bytes == 0):
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-        return self._result("pull", ctx, started, [img])
+        return self._result("pull", job, started, [img])
 
     async def push(self, directory: str | Path, image: str, *, tag: str | None = None,
                    annotations: Mapping[str, str] | None = None, platform: str | None = None) -> Result:

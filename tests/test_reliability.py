@@ -237,3 +237,27 @@ async def test_wrong_credentials_exit_2_naming_the_registry_without_the_secret(
     assert auth_registry.host in stderr.decode()
     assert canary not in (stdout + stderr).decode()
     assert token not in (stdout + stderr).decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_interrupt_exits_130_keeps_the_journal_and_the_same_command_resumes(
+    image: Path, registry: LocalRegistry, proxy: MakeProxy, tmp_path: Path, sig: signal.Signals,
+) -> None:
+    size = _blob_sizes(image)
+    await blobflow.Client(_config(tmp_path)).push(image, f"{registry.host}/rel/app:v1")
+    p = await proxy(registry, Faults(bandwidth=40e6))
+    out, state = tmp_path / "out", tmp_path / "state"
+    cmd = _cli("pull", "--plain-http", "--state-dir", str(state), f"{p.host}/rel/app:v1", str(out))
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    await _bytes_when(p.counters, "bytes_to_client", int(0.5 * size), proc)
+    proc.send_signal(sig)
+    _, stderr = await proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert b"interrupted" in stderr and b"Traceback" not in stderr
+    assert list(state.rglob("*.json")), "the journal was not kept"
+    first = p.counters["bytes_to_client"]
+    again = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL)
+    assert await again.wait() == 0
+    assert p.counters["bytes_to_client"] - first < 0.7 * size
+    _verify_layout(out)
