@@ -12,7 +12,6 @@ rewriting is off for it (PYTEST_DONT_REWRITE); its few asserts are plain ones.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Cli, CliResult
 from faultproxy import FaultProxy, Faults
 from pki import CertificateAuthority, IssuedCert
 from tokenserver import PULL, PUSH, Account, TokenServer
@@ -34,7 +34,6 @@ from blobflow.synth import build_image
 READER, READER_PASSWORD = "reader", "reader-pw-5f3a1c"
 PUSHER, PUSHER_PASSWORD = "pusher", "pusher-pw-9d2e7b"
 ACCOUNTS = {READER: Account(READER_PASSWORD, {"*": PULL}), PUSHER: Account(PUSHER_PASSWORD, {"*": PUSH})}
-CLI_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -200,47 +199,15 @@ def docker_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DockerHome:
     return DockerHome(directory, bin_dir)
 
 
-@dataclass(frozen=True)
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-RunCli = Callable[..., Awaitable[Run]]
+Run = CliResult
+RunCli = Cli
 
 
 @pytest.fixture
-def run_cli() -> RunCli:
-    """``await run_cli("pull", ..., stdin="secret\\n", env={...})``: the CLI in a subprocess, while
-    this test's event loop keeps serving the token service."""
-
-    async def run(*args: str, stdin: str | None = None, env: Mapping[str, str | None] | None = None) -> Run:
-        environ = dict(os.environ)
-        for key, value in (env or {}).items():
-            if value is None:
-                environ.pop(key, None)
-            else:
-                environ[key] = value
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "blobflow", *args, env=environ,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            async with asyncio.timeout(CLI_TIMEOUT):
-                out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"blobflow {' '.join(args)} did not finish in {CLI_TIMEOUT} s") from None
-        assert proc.returncode is not None
-        return Run(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-
-    return run
+def run_cli(cli: Cli) -> RunCli:
+    """``await run_cli("login", ..., stdin="secret\\n", env={...})``: conftest's ``cli``, under the
+    name these tests use."""
+    return cli
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,20 +127,24 @@ class CliResult:
     stdout: str
     stderr: str
 
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
 
 Cli = Callable[..., Awaitable[CliResult]]
 
 
 @pytest.fixture
 def cli() -> Cli:
-    """``await cli("pull", IMAGE, DIR, env={...})`` runs the CLI in a subprocess.
+    """``await cli("pull", IMAGE, DIR, env={...}, stdin="...")`` runs the CLI in a subprocess.
 
     Asynchronous, so registries, fault proxies and fake registries served by the test's own event
     loop keep answering while the command runs. ``env`` entries are added to (None: removed from)
     the current environment, which fixtures such as ``docker_config`` have already set up.
     """
 
-    async def run(*args: str, env: dict[str, str | None] | None = None) -> CliResult:
+    async def run(*args: str, env: Mapping[str, str | None] | None = None, stdin: str | None = None) -> CliResult:
         environ = dict(os.environ)
         for key, value in (env or {}).items():
             if value is None:
@@ -148,11 +152,12 @@ def cli() -> Cli:
             else:
                 environ[key] = value
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "blobflow", *args, env=environ, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable, "-m", "blobflow", *args, env=environ,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(CLI_TIMEOUT):
-                out, err = await proc.communicate()
+                out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
         except TimeoutError:
             proc.kill()
             await proc.wait()
