@@ -378,14 +378,19 @@ def verify_registry(host: str, repo: str, image: Image, what: str) -> None:
         raise BenchError(f"verify {what}: manifest {digest} (header {header}) != source {image.manifest_digest}")
     manifest = json.loads(body)
     for blob in [manifest["config"], *manifest["layers"]]:
-        h, size = hashlib.sha256(), 0
-        with http_get(f"http://{host}/v2/{repo}/blobs/{blob['digest']}") as r:
-            while chunk := r.read(4 * MiB):
-                h.update(chunk)
-                size += len(chunk)
-        if "sha256:" + h.hexdigest() != blob["digest"] or size != blob["size"]:
-            raise BenchError(f"verify {what}: blob {blob['digest']} served {size} bytes hashing to "
-                             f"sha256:{h.hexdigest()}")
+        verify_served_blob(host, repo, blob, what)
+
+
+def verify_served_blob(host: str, repo: str, blob: dict[str, Any], what: str) -> None:
+    """The registry serves ``blob`` with its size and a sha256 equal to its digest."""
+    h, size = hashlib.sha256(), 0
+    with http_get(f"http://{host}/v2/{repo}/blobs/{blob['digest']}") as r:
+        while chunk := r.read(4 * MiB):
+            h.update(chunk)
+            size += len(chunk)
+    if "sha256:" + h.hexdigest() != blob["digest"] or size != blob["size"]:
+        raise BenchError(f"verify {what}: {repo} blob {blob['digest']} served {size} bytes hashing to "
+                         f"sha256:{h.hexdigest()}")
 
 
 def verify_layout(root: Path, image: Image, what: str) -> list[str]:

@@ -76,6 +76,7 @@ from bench_engine import (
     read_files,
     run_guarded,
     table,
+    verify_served_blob,
     versions,
 )
 
@@ -401,14 +402,7 @@ def verify_destination(host: str, source: Source, what: str, *, blobs: bool) -> 
         for blob in [manifest["config"], *manifest["layers"]]:
             if blob["digest"] in seen:
                 continue
-            h, size = hashlib.sha256(), 0
-            with http_get(f"http://{host}/v2/{repo}/blobs/{blob['digest']}") as r:
-                while chunk := r.read(4 * MiB):
-                    h.update(chunk)
-                    size += len(chunk)
-            if "sha256:" + h.hexdigest() != blob["digest"] or size != blob["size"]:
-                raise BenchError(f"verify {what}: {repo} blob {blob['digest']} served {size} bytes hashing to "
-                                 f"sha256:{h.hexdigest()}")
+            verify_served_blob(host, repo, blob, what)
             seen.add(blob["digest"])
     log(f"  verified {what}: {len(source.images)} manifests match the source"
         + (f", {len(seen)} distinct blobs hash to their digests" if blobs else ""))
