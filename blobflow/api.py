@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .codec import Codec
 from .config import EngineConfig
 from .errors import BadInputError, NotFoundError
 from .images import ImageOutcome, Platform, check_annotations, fetch_root, preflight_sizes, transfer_image
@@ -110,7 +111,11 @@ class Client:
         return self._result("pull", job, started, [img])
 
     async def push(self, directory: str | Path, image: str, *, tag: str | None = None,
-                   annotations: Mapping[str, str] | None = None, platform: str | None = None) -> Result:
+                   annotations: Mapping[str, str] | None = None, platform: str | None = None,
+                   compress: str | None = None) -> Result:
+        """``compress``: ``zstd[:LEVEL]`` or ``gzip[:LEVEL]``: tar layers not already so are
+        compressed while they stream (verified against the config's diff_ids)."""
+        codec = Codec.parse(compress) if compress else None
         ref = Reference.parse(image)
         if ref.digest is not None:
             raise BadInputError(f"{image}: push to a tag, not a digest")
@@ -121,11 +126,15 @@ class Client:
         async with self._job() as ctx:
             src = LayoutEnd(layout)
             dst = self._registry_end(ctx, ref)
-            img = await transfer_image(ctx, src, tag, dst, ref.tag, platform=plat, annotations=annotations)
+            img = await transfer_image(ctx, src, tag, dst, ref.tag, platform=plat, annotations=annotations,
+                                       convert=codec)
         return self._result("push", ctx, started, [img])
 
     async def copy(self, source: str, destination: str, *, platform: str | None = None,
-                   annotations: Mapping[str, str] | None = None) -> Result:
+                   annotations: Mapping[str, str] | None = None, recompress: str | None = None) -> Result:
+        """``recompress``: ``zstd[:LEVEL]`` (or ``gzip[:LEVEL]``): layers are decompressed and
+        recompressed in one streaming pipeline, source digests and diff_ids verified."""
+        codec = Codec.parse(recompress) if recompress else None
         sref, dref = Reference.parse(source), Reference.parse(destination)
         if dref.digest is not None and dref.tag is None:
             dref = dref.with_tag(sref.tag or "latest")
@@ -135,7 +144,7 @@ class Client:
         async with self._job() as ctx:
             img = await transfer_image(ctx, self._registry_end(ctx, sref), sref,
                                         self._registry_end(ctx, dref), dref.tag, platform=plat,
-                                        annotations=annotations)
+                                        annotations=annotations, convert=codec)
         return self._result("copy", ctx, started, [img])
 
     async def mirror(self, plan: MirrorPlan | str | Path, *, shard: tuple[int, int] = (0, 1),

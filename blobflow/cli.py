@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from ._render import JsonRenderer, LogRenderer, Renderer
 from .api import Client
+from .codec import Codec, layer_compression
 from .config import EngineConfig, load_registry_limits, parse_size
 from .errors import BadInputError, BlobflowError
 from .mirror import load_plan, parse_shard
@@ -50,6 +51,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _codec(text: str) -> str:
+    try:
+        Codec.parse(text)
+    except BadInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _size_list(text: str) -> tuple[int, ...]:
@@ -124,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="only this platform of an index")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
                    help="set a manifest annotation (repeatable)")
+    p.add_argument("--compress", metavar="zstd[:LEVEL]|gzip[:LEVEL]", type=_codec,
+                   help="compress tar layers (that are not already so) while they stream; verified "
+                        "against the config's diff_ids")
     _common(p)
 
     p = _command(sub, "copy", "copy an image between registries, streamed (never touches the disk)",
@@ -133,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="only this platform of an index")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
                    help="set a manifest annotation (repeatable)")
+    p.add_argument("--recompress", metavar="zstd[:LEVEL]", type=_codec,
+                   help="recompress tar layers while they stream (one pass, never on disk); source "
+                        "digests and the config's diff_ids verified")
     _common(p)
 
     p = _command(sub, "mirror", "mirror the images of a plan file (TOML), skipping what is up to date",
@@ -240,10 +255,10 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
         result = await client.pull(args.image, args.directory, platform=args.platform)
     elif cmd == "push":
         result = await client.push(args.directory, args.image, tag=args.tag, platform=args.platform,
-                                   annotations=_annotations(args.annotation))
+                                   annotations=_annotations(args.annotation), compress=args.compress)
     elif cmd == "copy":
         result = await client.copy(args.source, args.destination, platform=args.platform,
-                                   annotations=_annotations(args.annotation))
+                                   annotations=_annotations(args.annotation), recompress=args.recompress)
     elif cmd == "mirror":
         return await _mirror(args, client, render)
     elif cmd == "blob" and args.blob_command == "get":
@@ -273,16 +288,26 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
             sys.stdout.flush()
         elif args.json:
             print(json.dumps({"event": "manifest", "digest": str(raw.digest), "mediaType": raw.media_type,
-                              "manifest": raw.doc}))
+                              "manifest": raw.doc, **_layer_compression(raw.doc)}))
             print(json.dumps({"event": "summary", "operation": "inspect", "digest": str(raw.digest)}))
         else:
-            print(json.dumps({"digest": str(raw.digest), "mediaType": raw.media_type, "manifest": raw.doc},
-                             indent=2))
+            print(json.dumps({"digest": str(raw.digest), "mediaType": raw.media_type, "manifest": raw.doc,
+                              **_layer_compression(raw.doc)}, indent=2))
         return EXIT_OK
     else:  # pragma: no cover - argparse refuses unknown commands
         raise BadInputError(f"unknown command {cmd}")
     render.result(result)
     return EXIT_OK
+
+
+def _layer_compression(doc: dict[str, Any]) -> dict[str, Any]:
+    """An image manifest's layers with their compression (none, gzip, zstd; null: not a tar layer)."""
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        return {}
+    return {"layers": [{"digest": x.get("digest"), "size": x.get("size"), "mediaType": x.get("mediaType"),
+                        "compression": layer_compression(str(x.get("mediaType", "")))}
+                       for x in layers if isinstance(x, dict)]}
 
 
 def _login_input(args: argparse.Namespace) -> Credentials:
@@ -438,9 +463,31 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
     return lambda coro: uvloop.run(coro)
 
 
+async def _stoppable(job: Coroutine[Any, Any, int]) -> int:
+    """SIGTERM (Kubernetes, CI cancellation) stops a job like Ctrl-C: the job is cancelled where it
+    awaits, so state is saved, and the CLI exits 130. The event loop delivers the signal: raising
+    from a Python signal handler could land inside a transport callback and be lost there."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    stopped: list[int] = []
+
+    def stop() -> None:
+        stopped.append(signal.SIGTERM)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await job
+    except asyncio.CancelledError:
+        if stopped:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # SIGTERM (Kubernetes, CI cancellation) stops a job like Ctrl-C: state is saved, exit 130
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     render = _renderer(args)
@@ -451,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
         client = Client(config, listener=render)
         with render:
-            return _event_loop_runner()(_run(args, client, render))
+            return _event_loop_runner()(_stoppable(_run(args, client, render)))
     except BlobflowError as e:
         render.error(str(e), e.exit_code)
         if getattr(args, "verbose", False):

@@ -16,11 +16,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .codec import Codec
 from .config import EngineConfig
 from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError
 from .progress import Event
 from .retry import with_retries
 from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
+from .transfer.convert import Conversion, convert_layer, plan_conversion, rewrite_manifests
 from .types import Descriptor, Digest, Reference
 
 __all__ = ["ImageOutcome", "Platform", "check_annotations", "collect", "fetch_root", "preflight_sizes",
@@ -126,15 +128,22 @@ class ImageOutcome:
     mounted: int = 0
     shared: int = 0
     bytes: int = 0
+    converted: int = 0  # layers recompressed on the way (``convert``)
 
 
 async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str | None, dst: ImageEnd,
                          tag: str | None, *, platform: Platform | None = None,
                          platforms: Sequence[str] | None = None, annotations: Mapping[str, str] | None = None,
-                         dry_run: bool = False) -> ImageOutcome:
+                         dry_run: bool = False, convert: Codec | None = None) -> ImageOutcome:
     """Make the image at ``src`` present at ``dst`` under ``tag``: blobs first, then manifests,
     children before the root. With ``dry_run`` nothing is written: the outcome says what would
-    move (blobs absent at the destination and their bytes)."""
+    move (blobs absent at the destination and their bytes).
+
+    With ``convert``, distributable tar layers not already in that codec are recompressed while
+    they stream (:mod:`blobflow.transfer.convert`), verified against the config's diff_ids; the
+    manifests (and an index) are rewritten with the new layers; the config is moved unchanged. A
+    Docker schema 2 manifest that gets zstd layers becomes an OCI manifest (Docker has no zstd
+    media type). Any failure aborts the image before a manifest is written."""
     wanted = [Platform.parse(p) for p in platforms] if platforms is not None else None
     root = await retrying(ctx, str(src), lambda: fetch_root(src, src_ref))
     root, manifests = await retrying(ctx, str(src), lambda: collect(src, root, platform, platforms=wanted))
@@ -145,6 +154,13 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         if not m.is_index:
             for d in m.blobs():
                 blobs.setdefault(d.digest, d)
+    conversion: Conversion = {}
+    if convert is not None and not dry_run:
+        if not isinstance(dst, RegistryEnd):
+            raise BadInputError("layers are recompressed only on the way to a registry")
+        conversion = await retrying(ctx, str(src), lambda: plan_conversion(src, manifests, convert))
+        for dg in conversion:
+            blobs.pop(dg, None)
     if isinstance(dst, RegistryEnd):
         preflight_sizes(ctx.config, dst.client.registry, list(blobs.values()))
     where = f"{dst}:{tag}" if tag else str(dst)
@@ -156,16 +172,26 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         return ImageOutcome(str(src_ref or src), where, str(root.digest), len(manifests), len(blobs),
                             moved=len(missing), bytes=sum(d.size for d in missing))
     futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d)) for d in blobs.values()]
+    converting = {dg: ctx.scheduler.spawn(convert_layer(ctx, src, dst, d, diff, convert))  # type: ignore[arg-type]
+                  for dg, (d, diff) in conversion.items()}
     outcomes: Counter[str] = Counter()
     moved_bytes = 0
-    if futures:
-        await asyncio.wait(futures)
-        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+    if futures or converting:
+        pending: list[asyncio.Future[Any]] = [*converting.values(), *futures]
+        await asyncio.wait(pending)
+        errors = [f.exception() for f in pending if not f.cancelled() and f.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
         for d, f in zip(blobs.values(), futures, strict=True):
             outcomes[f.result()] += 1
             moved_bytes += d.size if f.result() == "moved" else 0
+    if convert is not None and not dry_run:
+        converted = {dg: f.result() for dg, f in converting.items()}
+        kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)
+        root, manifests = rewrite_manifests(root, manifests, converted, convert)
+        ctx.emit(Event("info", target=str(dst), n=len(converted), detail=(
+            f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
+            f"{len(kept)} copied as they are")))
     written = 0
     for m in manifests:
         if m is not root:
@@ -177,7 +203,7 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
     return ImageOutcome(str(src_ref or src), where, str(root.digest), written + 1, len(blobs),
                         moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
-                        shared=outcomes["shared"], bytes=moved_bytes)
+                        shared=outcomes["shared"], bytes=moved_bytes, converted=len(conversion))
 
 
 async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]]) -> T:

@@ -16,6 +16,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 from .layout import Layout
 from .types import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor, Digest
@@ -23,6 +24,7 @@ from .types import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor, Digest
 __all__ = ["MEDIA_LAYER_GZIP", "build_image", "random_blob"]
 
 MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 _PIECE = 4 * 1024 * 1024
 
@@ -34,13 +36,14 @@ def _random_pieces(rng: random.Random, size: int) -> Iterator[bytes]:
         size -= n
 
 
-def _write_layer(layout: Layout, rng: random.Random, size: int, name: str) -> tuple[Descriptor, Digest]:
-    """A gzip'd tar with one random file of ``size`` bytes; returns its descriptor and diff_id."""
+def _write_layer(layout: Layout, rng: random.Random, size: int, name: str, *,
+                 compression: Literal["none", "gzip"] = "gzip") -> tuple[Descriptor, Digest]:
+    """A gzip'd (or plain) tar with one random file of ``size`` bytes; its descriptor and diff_id."""
     blobs = layout.root / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     tmp = blobs / f".synth-{secrets.token_hex(6)}.tmp"
     gz_hash, tar_hash = hashlib.sha256(), hashlib.sha256()
-    comp = zlib.compressobj(0, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    comp: Any = zlib.compressobj(0, zlib.DEFLATED, 31) if compression == "gzip" else _Identity()  # wbits 31: gzip
     with open(tmp, "wb") as out:
         def emit(tar_bytes: bytes) -> None:
             tar_hash.update(tar_bytes)
@@ -63,7 +66,16 @@ def _write_layer(layout: Layout, rng: random.Random, size: int, name: str) -> tu
         length = out.tell()
     digest = Digest("sha256", gz_hash.hexdigest())
     os.replace(tmp, layout.blob_path(digest))
-    return Descriptor(MEDIA_LAYER_GZIP, digest, length), Digest("sha256", tar_hash.hexdigest())
+    media_type = MEDIA_LAYER_GZIP if compression == "gzip" else MEDIA_LAYER_TAR
+    return Descriptor(media_type, digest, length), Digest("sha256", tar_hash.hexdigest())
+
+
+class _Identity:
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
 
 
 def random_blob(path: Path, size: int, *, seed: int | None = None) -> Digest:
@@ -78,10 +90,10 @@ def random_blob(path: Path, size: int, *, seed: int | None = None) -> Digest:
 
 
 def _image(layout: Layout, rng: random.Random, layer_sizes: Sequence[int], platform: tuple[str, str],
-           base: list[tuple[Descriptor, Digest]]) -> Descriptor:
+           base: list[tuple[Descriptor, Digest]], compression: Literal["none", "gzip"] = "gzip") -> Descriptor:
     layers = list(base)
     for i, size in enumerate(layer_sizes):
-        layers.append(_write_layer(layout, rng, size, f"data/layer-{len(layers)}-{i}.bin"))
+        layers.append(_write_layer(layout, rng, size, f"data/layer-{len(layers)}-{i}.bin", compression=compression))
     config = {
         "architecture": platform[1], "os": platform[0],
         "created": "2026-01-01T00:00:00Z",
@@ -104,26 +116,28 @@ def _image(layout: Layout, rng: random.Random, layer_sizes: Sequence[int], platf
 
 def build_image(root: Path | str, tag: str, layer_sizes: Sequence[int], *, seed: int | None = None,
                 platforms: Sequence[str] = (), base_layers: Sequence[int] = (),
-                base_seed: int | None = None) -> Descriptor:
+                base_seed: int | None = None, compression: Literal["none", "gzip"] = "gzip") -> Descriptor:
     """Write an image tagged ``tag`` into the layout at ``root`` (created when missing).
 
     Without ``platforms`` the image is one linux/amd64 manifest. With platforms (``os/arch``) it
     is an index with one manifest per platform; ``base_layers`` are shared by all of them and
     ``layer_sizes`` are made anew for each. With ``base_seed`` the base layers come from their own
     generator, so images built with different seeds share them (as images on one base image do).
+    ``compression="none"``: the layers are plain tars (``application/vnd.oci.image.layer.v1.tar``).
     """
     layout = Layout.create(root)
     rng = random.Random(seed if seed is not None else secrets.randbits(64))
     base_rng = random.Random(base_seed) if base_seed is not None else rng
-    base = [_write_layer(layout, base_rng, size, f"base/layer-{i}.bin") for i, size in enumerate(base_layers)]
+    base = [_write_layer(layout, base_rng, size, f"base/layer-{i}.bin", compression=compression)
+            for i, size in enumerate(base_layers)]
     if not platforms:
-        desc = _image(layout, rng, layer_sizes, ("linux", "amd64"), base)
+        desc = _image(layout, rng, layer_sizes, ("linux", "amd64"), base, compression)
         desc = Descriptor(desc.media_type, desc.digest, desc.size)
     else:
         children = []
         for p in platforms:
             os_name, _, arch = p.partition("/")
-            children.append(_image(layout, rng, layer_sizes, (os_name, arch), base))
+            children.append(_image(layout, rng, layer_sizes, (os_name, arch), base, compression))
         index = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": [c.to_json() for c in children]}
         data = json.dumps(index, indent=2).encode()
         desc = Descriptor(MEDIA_OCI_INDEX, layout.write_blob(data), len(data))

@@ -1,0 +1,206 @@
+"""zstd layers: compress on push, recompress on copy, verified against the config's diff_ids.
+
+Against the real Distribution registry; skopeo (containers/image, a tool nobody here wrote)
+decompresses what blobflow pushed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from conftest import Cli
+
+import blobflow
+from blobflow.codec import Codec, CorruptStreamError, Recoder, layer_compression
+from blobflow.layout import Layout
+from blobflow.localreg import LocalRegistry
+from blobflow.synth import build_image
+from blobflow.transfer import RawManifest
+from blobflow.transfer.convert import rewrite_manifests
+from blobflow.types import Descriptor, Digest
+
+KiB = 1024
+ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+ACCEPT = ",".join(["application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+                   "application/vnd.docker.distribution.manifest.v2+json"])
+
+
+def skopeo(*args: str) -> None:
+    proc = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, f"skopeo {' '.join(args)} failed: {proc.stderr}"
+
+
+def fetch(registry: LocalRegistry, path: str, method: str = "GET") -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"{registry.url}/v2/{path}", method=method, headers={"Accept": ACCEPT})
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+
+
+def fetch_json(registry: LocalRegistry, path: str) -> dict[str, Any]:
+    status, body = fetch(registry, path)
+    assert status == 200, path
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def diff_ids(registry: LocalRegistry, repo: str, manifest: dict[str, Any]) -> list[str]:
+    config = fetch_json(registry, f"{repo}/blobs/{manifest['config']['digest']}")
+    return list(config["rootfs"]["diff_ids"])
+
+
+def read_layout_json(root: Path, digest: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((root / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes())
+    return doc
+
+
+def rewrite_image(root: Path, tag: str, *, layer: bytes | None = None, diff_id: str | None = None) -> None:
+    """Replace the first layer's bytes (the descriptor follows them, so its digest is consistent)
+    or the config's first diff_id; the manifest and the tag are rewritten to match."""
+    layout = Layout.open(root)
+    desc = layout.resolve(tag)
+    manifest = read_layout_json(root, str(desc.digest))
+    if layer is not None:
+        manifest["layers"][0].update(digest=str(layout.write_blob(layer)), size=len(layer))
+    if diff_id is not None:
+        config = read_layout_json(root, manifest["config"]["digest"])
+        config["rootfs"]["diff_ids"][0] = diff_id
+        data = json.dumps(config).encode()
+        manifest["config"].update(digest=str(layout.write_blob(data)), size=len(data))
+    data = json.dumps(manifest, indent=2).encode()
+    layout.set_tag(tag, Descriptor(desc.media_type, layout.write_blob(data), len(data)))
+
+
+def test_recoder_round_trips_and_rejects_a_corrupt_gzip() -> None:
+    tar = os.urandom(300 * KiB) + bytes(2 << 20)
+    for source, blob in (("none", tar), ("gzip", gzip.compress(tar))):
+        rec = Recoder(source, Codec.parse("zstd:5"))  # type: ignore[arg-type]
+        out = b"".join(p for i in range(0, len(blob), 70_000) for p in rec.feed(blob[i:i + 70_000]))
+        out += b"".join(rec.finish())
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(out) == tar
+        assert rec.diff_id == Digest.of(tar) and rec.digest == Digest.of(out) and rec.out_size == len(out)
+    broken = bytearray(gzip.compress(tar))
+    broken[len(broken) // 2] ^= 0x40
+    rec = Recoder("gzip", Codec.parse("zstd"))
+    with pytest.raises(CorruptStreamError):
+        for _ in rec.feed(bytes(broken)):
+            pass
+        list(rec.finish())
+    assert layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip") == "gzip"
+    assert layer_compression(ZSTD) == "zstd"
+    with pytest.raises(blobflow.BadInputError):
+        Codec.parse("zstd:99")
+
+
+def test_docker_manifest_becomes_oci_with_zstd_layers() -> None:
+    """Docker schema 2 has no zstd media type: the rewritten manifest is OCI (as skopeo does)."""
+    layer = Descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip", Digest.of(b"a"), 1)
+    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+               "digest": str(Digest.of(b"f")), "size": 1, "urls": ["https://example.com/f"]}
+    doc = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                      "digest": str(Digest.of(b"c")), "size": 1},
+           "layers": [layer.to_json(), foreign]}
+    raw = RawManifest.parse_bytes(json.dumps(doc).encode())
+    new = Descriptor(ZSTD, Digest.of(b"z"), 2)
+    root, manifests = rewrite_manifests(raw, [raw], {layer.digest: new}, Codec.parse("zstd"))
+    assert manifests == [root]
+    out = root.doc
+    assert root.media_type == out["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert out["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    assert out["layers"][0] == {"mediaType": ZSTD, "digest": str(new.digest), "size": 2}
+    assert out["layers"][1]["mediaType"] == "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    assert out["layers"][1]["urls"] == ["https://example.com/f"]
+    # gzip keeps a Docker manifest Docker
+    root, _ = rewrite_manifests(raw, [raw], {layer.digest: new}, Codec.parse("gzip"))
+    assert root.media_type == doc["mediaType"]
+    assert root.doc["layers"][0]["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+async def test_push_compress_zstd_decompresses_to_the_diff_ids(registry: LocalRegistry, cli: Cli, repo_name: str,
+                                                               tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "skopeo-dir"
+    build_image(src, "v1", [64 * KiB, 700 * KiB], seed=7, base_layers=[3 * KiB], compression="none")
+    image = f"{registry.host}/{repo_name}:v1"
+
+    pushed = await cli("push", str(src), image, "--compress", "zstd", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "3 layer(s) converted to zstd:3" in pushed.stdout
+
+    manifest = fetch_json(registry, f"{repo_name}/manifests/v1")
+    assert [x["mediaType"] for x in manifest["layers"]] == [ZSTD] * 3
+    ids = diff_ids(registry, repo_name, manifest)
+    skopeo("copy", "-q", "--src-tls-verify=false", "--dest-decompress", f"docker://{image}", f"dir:{out}")
+    for diff in ids:
+        data = (out / diff.removeprefix("sha256:")).read_bytes()
+        assert Digest.of(data) == Digest.parse(diff)
+
+    inspected = await cli("inspect", image)
+    assert [x["compression"] for x in json.loads(inspected.stdout)["layers"]] == ["zstd"] * 3
+
+
+async def test_copy_recompress_zstd_of_an_index(registry: LocalRegistry, registry2: LocalRegistry, cli: Cli,
+                                                repo_name: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build_image(src, "v1", [96 * KiB], seed=8, platforms=["linux/amd64", "linux/arm64"], base_layers=[40 * KiB])
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
+
+    copied = await cli("copy", f"{registry.host}/{repo_name}:v1", f"{registry2.host}/{repo_name}:v1",
+                       "--recompress", "zstd:6", "--json")
+    assert copied.returncode == 0, copied.stderr
+    assert "3 layer(s) converted to zstd:6" in copied.stdout  # the shared base layer once
+
+    index = fetch_json(registry2, f"{repo_name}/manifests/v1")
+    assert len(index["manifests"]) == 2
+    for child in index["manifests"]:
+        manifest = fetch_json(registry2, f"{repo_name}/manifests/{child['digest']}")
+        assert child["size"] == len(json.dumps(manifest, indent=2).encode())
+        assert [x["mediaType"] for x in manifest["layers"]] == [ZSTD, ZSTD]
+        for layer, diff in zip(manifest["layers"], diff_ids(registry2, repo_name, manifest), strict=True):
+            status, blob = fetch(registry2, f"{repo_name}/blobs/{layer['digest']}")
+            assert status == 200 and len(blob) == layer["size"]
+            tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+            assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff
+
+
+async def test_corrupt_gzip_source_aborts_before_any_manifest(registry: LocalRegistry, registry2: LocalRegistry,
+                                                              cli: Cli, repo_name: str, tmp_path: Path) -> None:
+    """A source layer whose digest is right but whose gzip stream is broken (the registry accepted it)."""
+    src = tmp_path / "src"
+    desc = build_image(src, "v1", [200 * KiB, 50 * KiB], seed=9)
+    first = read_layout_json(src, str(desc.digest))["layers"][0]["digest"]
+    broken = bytearray((src / "blobs" / "sha256" / first.removeprefix("sha256:")).read_bytes())
+    broken[len(broken) // 2] ^= 0x01
+    rewrite_image(src, "v1", layer=bytes(broken))
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")  # moved as it is: digests hold
+
+    copied = await cli("copy", f"{registry.host}/{repo_name}:v1", f"{registry2.host}/{repo_name}:v1",
+                       "--recompress", "zstd")
+    assert copied.returncode == 1, copied.stderr
+    assert "gzip stream is corrupt" in copied.stderr
+    assert fetch(registry2, f"{repo_name}/manifests/v1", "HEAD")[0] == 404
+
+
+async def test_wrong_diff_id_aborts_the_push(registry: LocalRegistry, cli: Cli, repo_name: str,
+                                             tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build_image(src, "v1", [80 * KiB], seed=10, compression="none")
+    rewrite_image(src, "v1", diff_id="sha256:" + "0" * 64)
+
+    pushed = await cli("push", str(src), f"{registry.host}/{repo_name}:v1", "--compress", "zstd")
+    assert pushed.returncode == 1, pushed.stderr
+    assert "diff_id" in pushed.stderr and "nothing of it was committed" in pushed.stderr
+    assert fetch(registry, f"{repo_name}/manifests/v1", "HEAD")[0] == 404
