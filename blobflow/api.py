@@ -148,13 +148,14 @@ class Client:
         return self._result("copy", ctx, started, [img])
 
     async def mirror(self, plan: MirrorPlan | str | Path, *, shard: tuple[int, int] = (0, 1),
-                     dry_run: bool = False) -> MirrorResult:
+                     dry_run: bool = False, recompress: str | None = None) -> MirrorResult:
         """Every image of a mirror plan (or of this shard of it) in one job. One image failing does
         not stop the others: see ``MirrorResult.failed``."""
         if not isinstance(plan, MirrorPlan):
             plan = load_plan(plan)
         async with self._job() as ctx:
-            return await run_mirror(ctx, plan, self._registry_end, shard=shard, dry_run=dry_run)
+            return await run_mirror(ctx, plan, self._registry_end, shard=shard, dry_run=dry_run,
+                                    convert=Codec.parse(recompress) if recompress else None)
 
     # -- single blobs ----------------------------------------------------------------------
     async def blob_get(self, image: str, file: str | Path) -> Result:

@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take a deterministic share of the plan (for N machines; 0 <= I < N)")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
     p.add_argument("--rate", type=float, metavar="N", help="at most N requests per second to each registry host")
+    p.add_argument("--recompress", metavar="zstd[:LEVEL]", type=_codec,
+                   help="recompress tar layers while they stream (overrides the plan's defaults.recompress)")
     _common(p)
 
     blob = _command(sub, "blob", "move a single blob", "blobflow blob get ghcr.io/org/app@sha256:... layer.tgz")
@@ -411,7 +413,7 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
     rate = args.rate if args.rate is not None else plan.rate
     if rate:
         client.config = dataclasses.replace(client.config, rate=rate)
-    result = await client.mirror(plan, shard=shard, dry_run=args.dry_run)
+    result = await client.mirror(plan, shard=shard, dry_run=args.dry_run, recompress=args.recompress)
     images = [dataclasses.asdict(i) for i in result.images]
     report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds,
                               "requests_per_host": result.requests, "throttled_per_host": result.throttled,

@@ -7,6 +7,7 @@ tag such as ``1.10`` into the number 1.1)::
     platforms = "all"              # or ["linux/amd64", "linux/arm64"]
     concurrency = 16               # blob transfers at once (the CLI flag wins)
     rate = 20                      # requests per second per source host (0: unlimited)
+    recompress = "zstd:3"          # convert tar layers while they stream (or leave them as they are)
 
     [[mirror]]
     source = "docker.io/library/alpine"
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .codec import Codec
 from .errors import BadInputError, BlobflowError
 from .images import ImageOutcome, transfer_image
 from .transfer import Context, RegistryEnd
@@ -56,6 +58,7 @@ class MirrorPlan:
     entries: tuple[MirrorEntry, ...]
     concurrency: int | None = None
     rate: float | None = None
+    recompress: Codec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,14 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
         raise BadInputError(f"{origin}: defaults.concurrency must be a whole number of at least 1")
     if rate is not None and (not isinstance(rate, int | float) or rate < 0):
         raise BadInputError(f"{origin}: defaults.rate must be a number of requests per second")
-    return MirrorPlan(tuple(entries), concurrency, float(rate) if rate is not None else None)
+    recompress = defaults.get("recompress")
+    if recompress is not None and not isinstance(recompress, str):
+        raise BadInputError(f'{origin}: defaults.recompress must be a string like "zstd:3"')
+    try:
+        codec = Codec.parse(recompress) if recompress else None
+    except BadInputError as e:
+        raise BadInputError(f"{origin}: defaults.recompress: {e}") from None
+    return MirrorPlan(tuple(entries), concurrency, float(rate) if rate is not None else None, codec)
 
 
 def load_plan(path: Path | str) -> MirrorPlan:
@@ -225,7 +235,8 @@ async def expand(ctx: Context, plan: MirrorPlan, end: Any) -> list[MirrorItem]:
     return items
 
 
-async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool) -> ImageReport:
+async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool,
+                      convert: Codec | None = None) -> ImageReport:
     report = ImageReport(str(item.source), str(item.destination), "failed")
     started = time.monotonic()
     src: RegistryEnd = end(ctx, item.source)
@@ -234,11 +245,11 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
         source_digest = await src.manifest_digest(item.source.reference)
         report.source_digest = str(source_digest or "")
         dest_digest = await dst.manifest_digest(item.destination.reference)
-        if source_digest is not None and dest_digest == source_digest and item.platforms is None:
+        if source_digest is not None and dest_digest == source_digest and item.platforms is None and not convert:
             report.status, report.destination_digest = "up to date", str(dest_digest)
             return report
         outcome: ImageOutcome = await transfer_image(ctx, src, item.source, dst, item.destination.tag,
-                                                     platforms=item.platforms, dry_run=dry_run)
+                                                     platforms=item.platforms, dry_run=dry_run, convert=convert)
         report.status = "would copy" if dry_run else "copied"
         report.destination_digest = outcome.digest
         report.bytes, report.blobs = outcome.bytes, outcome.moved
@@ -251,13 +262,15 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
 
 
 async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[int, int] = (0, 1),
-                     dry_run: bool = False) -> MirrorResult:
+                     dry_run: bool = False, convert: Codec | None = None) -> MirrorResult:
     """Mirror every item of this shard in one job: one scheduler, so shared blobs move once."""
     started = time.monotonic()
     index, shards = shard
     result = MirrorResult(shard=f"{index}/{shards}")
     items = [i for i in await expand(ctx, plan, end) if shard_of(str(i.source), shards) == index]
-    futures = [ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run)) for item in items]
+    convert = convert or plan.recompress
+    futures = [ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run, convert=convert))
+               for item in items]
     for fut in futures:
         with contextlib.suppress(asyncio.CancelledError):
             result.images.append(await fut)

@@ -204,3 +204,27 @@ async def test_wrong_diff_id_aborts_the_push(registry: LocalRegistry, cli: Cli, 
     assert pushed.returncode == 1, pushed.stderr
     assert "diff_id" in pushed.stderr and "nothing of it was committed" in pushed.stderr
     assert fetch(registry, f"{repo_name}/manifests/v1", "HEAD")[0] == 404
+
+
+async def test_mirror_recompress_converts_every_image_of_the_plan(registry: LocalRegistry, registry2: LocalRegistry,
+                                                                  cli: Cli, tmp_path: Path) -> None:
+    for t in range(2):
+        build_image(tmp_path / f"img{t}", f"1.{t}", [64 * KiB], seed=20 + t, base_layers=[32 * KiB], base_seed=1)
+        await blobflow.Client().push(tmp_path / f"img{t}", f"{registry.host}/lib/app:1.{t}")
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[defaults]\nrecompress = "zstd:3"\n\n[[mirror]]\nsource = "{registry.host}/lib/app"\n'
+                    f'destination = "{registry2.host}/mirror/app"\ntags = ["1.0", "1.1"]\n')
+    result = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 0, result.output
+    for t in range(2):
+        manifest = fetch_json(registry2, f"mirror/app/manifests/1.{t}")
+        assert [x["mediaType"] for x in manifest["layers"]] == [ZSTD, ZSTD]
+        for layer, diff in zip(manifest["layers"], diff_ids(registry2, "mirror/app", manifest), strict=True):
+            status, blob = fetch(registry2, f"mirror/app/blobs/{layer['digest']}")
+            assert status == 200
+            tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+            assert Digest.of(tar) == Digest.parse(diff)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(plan.read_text().replace("zstd:3", "brotli"))
+    refused = await cli("mirror", "--plain-http", str(bad))
+    assert refused.returncode == 2 and "recompress" in refused.stderr
