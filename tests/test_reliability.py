@@ -131,11 +131,13 @@ async def test_pull_killed_midway_resumes_from_the_journal(
 ) -> None:
     size = _blob_sizes(image)
     await blobflow.Client(_config(tmp_path)).push(image, f"{registry.host}/rel/app:v1")
-    p = await proxy(registry, Faults(bandwidth=40e6))
+    p = await proxy(registry, Faults(bandwidth=30e6))
     out, state = tmp_path / "out", tmp_path / "state"
     cmd = _cli("pull", "--plain-http", "--state-dir", str(state), f"{p.host}/rel/app:v1", str(out))
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL)
-    await _bytes_when(p.counters, "bytes_to_client", int(0.6 * size), proc)
+    # killed two thirds in: what the journal had not yet recorded (at most 16 MiB or half a second
+    # of bytes) is fetched again, the rest is verified on disk and kept
+    await _bytes_when(p.counters, "bytes_to_client", int(0.65 * size), proc)
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
     first = p.counters["bytes_to_client"]

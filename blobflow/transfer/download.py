@@ -28,8 +28,8 @@ from .ends import LocalEnd, RegistryEnd
 __all__ = ["Download"]
 
 # journal the ranges at least this often (bytes, seconds): what a kill can cost at most
-_JOURNAL_BYTES = 32 * 1024 * 1024
-_JOURNAL_SECONDS = 1.0
+_JOURNAL_BYTES = 16 * 1024 * 1024
+_JOURNAL_SECONDS = 0.5
 
 
 class Download:
