@@ -72,16 +72,23 @@ class BlobStream:
         """Chunks of about ``size`` bytes (the last may be shorter)."""
         pieces: list[bytes] = []
         have = 0
-        with _mapped(self.what):
-            # iter_chunks hands over aiohttp's buffered pieces as they are (iter_any joins them
-            # first): one copy fewer per byte on the hottest path
-            async for piece, _ in self._resp.content.iter_chunks():
-                pieces.append(piece)
-                have += len(piece)
-                if have >= size:
-                    yield b"".join(pieces)
-                    pieces.clear()
-                    have = 0
+        try:
+            with _mapped(self.what):
+                # iter_chunks hands over aiohttp's buffered pieces as they are (iter_any joins them
+                # first): one copy fewer per byte on the hottest path
+                async for piece, _ in self._resp.content.iter_chunks():
+                    pieces.append(piece)
+                    have += len(piece)
+                    if have >= size:
+                        yield b"".join(pieces)
+                        pieces.clear()
+                        have = 0
+        except BlobflowError:
+            # the bytes that arrived before the break are good: hand them over (the caller keeps
+            # and resumes after them, and a retry counts them as progress), then fail
+            if pieces:
+                yield b"".join(pieces)
+            raise
         if pieces:
             yield b"".join(pieces)
 

@@ -232,6 +232,7 @@ class _Outgoing:
                                           retryable=not self.push.local)
             await update_hash(self.h, chunk)
             self.read_pos += len(chunk)
+            self.source_failures = 0  # the source advanced: its retries count failures in a row
             self.push.snapshots[self.read_pos] = self.h.copy()
             if self.skip:
                 drop = min(self.skip, len(chunk))
