@@ -103,6 +103,13 @@ def _connection_and_output(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="one line per blob event; tracebacks")
 
 
+def _image_options(p: argparse.ArgumentParser) -> None:
+    """What push and copy both take about the image they write."""
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="only this platform of an index")
+    p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a manifest annotation (repeatable)")
+
+
 def _command(sub: Any, name: str, help_: str, example: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         name, help=help_, description=help_, epilog=f"example:\n  {example}",
@@ -130,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", metavar="DIR")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--tag", help="the layout's image to push, when it holds several")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="only this platform of an index")
-    p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a manifest annotation (repeatable)")
+    _image_options(p)
     p.add_argument("--compress", metavar="zstd[:LEVEL]|gzip[:LEVEL]", type=_codec,
                    help="compress tar layers (that are not already so) while they stream; verified "
                         "against the config's diff_ids")
@@ -142,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "blobflow copy ghcr.io/org/app:1.0 registry.example.com/app:1.0")
     p.add_argument("source", metavar="SRC")
     p.add_argument("destination", metavar="DST")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="only this platform of an index")
-    p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a manifest annotation (repeatable)")
+    _image_options(p)
     p.add_argument("--recompress", metavar="zstd[:LEVEL]", type=_codec,
                    help="recompress tar layers while they stream (one pass, never on disk); source "
                         "digests and the config's diff_ids verified")
