@@ -71,6 +71,10 @@ FULL_LAYERS_MIB = (512, 256, 128, 64, 32, 16, 8, 8)
 QUICK_LAYERS_MIB = (64, 32, 16, 8, 4, 2, 1, 1)
 OPS = ("pull", "push", "copy")
 TOOLS = ("blobflow", "skopeo")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+RAW = "curl"  # the raw ceiling: plain curl requests, run like a third tool (see raw_script)
+TARGETS = {"pull": 2.0, "push": 1.5, "copy": 1.5}  # issue #4: skopeo/blobflow time ratio
+CEILING_TARGET = 0.90  # ... or blobflow at >= 90% of the raw ceiling where the registry or disk is the limit
 RUN_TIMEOUT = 1800.0
 QUIET_SHARE = 0.15  # "quiet": the machine's CPUs less than 15% busy over a one-second window
 CEILING_PART = 32 * MiB
@@ -135,7 +139,7 @@ class Image:
 
     @property
     def total_bytes(self) -> int:
-        return self.manifest_size + sum(b["size"] for b in self.blobs)
+        return self.manifest_size + sum(int(b["size"]) for b in self.blobs)
 
     @property
     def layers(self) -> list[dict[str, Any]]:
@@ -393,6 +397,14 @@ def verify_served_blob(host: str, repo: str, blob: dict[str, Any], what: str) ->
                          f"sha256:{h.hexdigest()}")
 
 
+def verify_files(root: Path, image: Image, what: str) -> None:
+    """The raw pull wrote every blob to a file named by its digest; each must hash to it."""
+    for blob in image.blobs:
+        path = root / blob["digest"]
+        if not path.is_file() or sha256_file(path) != blob["digest"].split(":", 1)[1]:
+            raise BenchError(f"verify {what}: {path.name} missing or does not hash to its name")
+
+
 def verify_layout(root: Path, image: Image, what: str) -> list[str]:
     """Every blob hashes to its name, the tag points at the source manifest, all its blobs are there.
 
@@ -559,7 +571,11 @@ class Bench:
                 dst = self.start_registry(f"dst-{op}-{tool}-{repeat}")
                 argv = self.tool_argv(tool, op, scratch=scratch, src=self.src.host, dst=dst.host,
                                       layout=image.layout, repo=repo)
-            pids = [self.src.pid] if op == "pull" else [dst.pid] if op == "push" else [self.src.pid, dst.pid]
+            if tool == RAW:
+                argv = self.raw_argv(op, scratch=scratch, image=image, src=self.src.host,
+                                     dst=dst.host if dst else "", out_dir=out_dir, repo=repo)
+            dst_pid = dst.pid if dst else None
+            pids = [self.src.pid] if op == "pull" else [dst_pid] if op == "push" else [self.src.pid, dst_pid]
             os.sync()  # start with no dirty pages from earlier runs
             waited = self.settle()
             try:
@@ -572,7 +588,10 @@ class Bench:
                 self.check_skopeo_cache(scratch)
             if verify:
                 what = f"{op} by {tool}"
-                if op == "pull":
+                if op == "pull" and tool == RAW:
+                    assert out_dir is not None
+                    verify_files(out_dir, image, what)
+                elif op == "pull":
                     assert out_dir is not None
                     for w in verify_layout(out_dir, image, what):
                         self.note_once(w)
@@ -589,7 +608,62 @@ class Bench:
         return Sample(op, tool, repeat, m.seconds, m.peak_rss_kib, m.user_s, m.sys_s, m.registry_cpu_s,
                       m.other_cpu_s, waited, argv)
 
-    # -- the raw ceiling for pull
+    # -- the raw ceiling: plain curl, run like a third tool
+
+    def raw_argv(self, op: str, *, scratch: Path, image: Image, src: str, dst: str, out_dir: Path | None,
+                 repo: str) -> list[str]:
+        """A bash script of plain curl requests doing the op's work as directly as the registry allows.
+
+        No hashing, no checks beyond HTTP status, every blob at once: what the registry and the disk
+        can do, which a client can only approach. pull: one GET per blob into a file, then every file
+        fsync'ed (``sync FILE...``), the durability both tools give. push: per blob one POST and one
+        monolithic PUT of the file. copy: per blob one POST and one PUT whose body is the source GET,
+        piped (chunked encoding, no disk). push and copy end with the manifest PUT.
+        """
+        blobs = image.blobs
+        manifest_path = image.layout / "blobs" / "sha256" / image.manifest_digest.split(":", 1)[1]
+        media_type = json.loads(manifest_path.read_bytes()).get("mediaType", OCI_MANIFEST)
+        curl = "curl -sSf --noproxy '*' -H 'Expect:'"
+        q = shlex.quote
+        lines = ["set -euo pipefail"]
+        if op == "pull":
+            assert out_dir is not None
+            config = scratch / "curl.cfg"
+            config.write_text("\nnext\n".join(
+                f'url = "http://{src}/v2/{repo}/blobs/{b["digest"]}"\noutput = "{out_dir / b["digest"]}"'
+                for b in blobs) + "\n")
+            lines += [f"curl -sSf --noproxy '*' --parallel --parallel-immediate --parallel-max {len(blobs)} "
+                      f"--config {q(str(config))}",
+                      f"curl -sSf --noproxy '*' -o {q(str(out_dir / 'manifest.json'))} "
+                      f"-H {q('Accept: ' + media_type)} http://{src}/v2/{repo}/manifests/{TAG}",
+                      f"sync -- {q(str(out_dir))}/*"]
+        else:
+            body = {"push": '-T "$2"', "copy": '-T -'}[op]
+            feed = {"push": "", "copy": f'{curl} "http://{src}/v2/{repo}/blobs/$1" | '}[op]
+            lines += ["up() {",
+                      f"  loc=$({curl} -X POST -o /dev/null -w '%header{{location}}' "
+                      f"http://{dst}/v2/{repo}/blobs/uploads/)",
+                      '  case "$loc" in http*) ;; *) loc="http://' + dst + '$loc" ;; esac',
+                      r'  case "$loc" in *\?*) sep="&" ;; *) sep="?" ;; esac',
+                      f"  {feed}{curl} -o /dev/null -H 'Content-Type: application/octet-stream' {body} "
+                      '"$loc${sep}digest=$1"',
+                      "}", "pids=()"]
+            for b in blobs:
+                path = image.layout / "blobs" / "sha256" / b["digest"].split(":", 1)[1]
+                lines.append(f"up {q(b['digest'])} {q(str(path))} & pids+=($!)")
+            lines.append('for p in "${pids[@]}"; do wait "$p"; done')
+            manifest = q(str(manifest_path))
+            if op == "copy":
+                manifest = q(str(scratch / "manifest.json"))
+                lines.append(f"{curl} -o {manifest} -H {q('Accept: ' + media_type)} "
+                             f"http://{src}/v2/{repo}/manifests/{TAG}")
+            lines.append(f"{curl} -o /dev/null -X PUT -H {q('Content-Type: ' + media_type)} "
+                         f"--data-binary @{manifest} http://{dst}/v2/{repo}/manifests/{TAG}")
+        script = scratch / f"raw-{op}.sh"
+        script.write_text("\n".join(lines) + "\n")
+        return ["bash", str(script)]
+
+    # -- the raw ceiling for pull without a disk
 
     def ceiling(self, image: Image, repeat: int) -> dict[str, list[float]]:
         assert self.src is not None
@@ -598,12 +672,12 @@ class Bench:
             self.note_once("curl not installed: the raw pull ceiling uses Python threads with urllib")
             return {"python threads, one stream per layer": [self._ceiling_threads(image) for _ in range(repeat)]}
         base = f"http://{self.src.host}/v2/{REPO}/blobs/"
-        per_layer = [(base + b["digest"], None) for b in image.layers]
-        ranged = []
+        per_layer: list[tuple[str, tuple[int, int] | None]] = [(base + b["digest"], None) for b in image.layers]
+        ranged: list[tuple[str, tuple[int, int] | None]] = []
         for b in image.layers:
             for start in range(0, b["size"], CEILING_PART):
                 ranged.append((base + b["digest"], (start, min(start + CEILING_PART, b["size"]) - 1)))
-        variants = {
+        variants: dict[str, tuple[list[tuple[str, tuple[int, int] | None]], int]] = {
             f"curl, one stream per layer ({len(per_layer)} parallel)": (per_layer, len(per_layer)),
             f"curl, {CEILING_PART // MiB} MiB ranges on {CEILING_RANGE_STREAMS} streams":
                 (ranged, CEILING_RANGE_STREAMS),
@@ -719,32 +793,47 @@ def sha256_speed() -> float:
 
 def report(res: Results, ops: Sequence[str], image: Image) -> str:
     mb = image.total_bytes / MB
-    rows = []
+    rows, verdicts = [], []
     for op in ops:
-        bf, sk = res.of(op, "blobflow"), res.of(op, "skopeo")
+        bf, sk, raw = res.of(op, "blobflow"), res.of(op, "skopeo"), res.of(op, RAW)
         if not bf or not sk:
             continue
         bf_med, sk_med = statistics.median(s.seconds for s in bf), statistics.median(s.seconds for s in sk)
-        rows.append([op, fmt_s([s.seconds for s in bf]), fmt_s([s.seconds for s in sk]), f"{sk_med / bf_med:.2f}",
-                     f"{mb / bf_med:.0f}", f"{max(s.peak_rss_kib for s in bf) / 1024:.0f}",
-                     f"{max(s.peak_rss_kib for s in sk) / 1024:.0f}"])
+        ratio = sk_med / bf_med
+        share = statistics.median(s.seconds for s in raw) / bf_med if raw else None
+        rows.append([op, fmt_s([s.seconds for s in bf]), fmt_s([s.seconds for s in sk]),
+                     fmt_s([s.seconds for s in raw]) if raw else "-", f"{ratio:.2f}",
+                     f"{share:.2f}" if share is not None else "-", f"{mb / bf_med:.0f}",
+                     f"{max(s.peak_rss_kib for s in bf) / 1024:.0f}", f"{max(s.peak_rss_kib for s in sk) / 1024:.0f}"])
+        met = ratio >= TARGETS[op] or (share is not None and share >= CEILING_TARGET)
+        verdicts.append(f"  {op}: skopeo/blobflow {ratio:.2f} (target {TARGETS[op]:.1f}), "
+                        f"raw/blobflow {share:.2f} (target {CEILING_TARGET:.2f})  -> "
+                        f"{'met' if met else 'NOT met'}" if share is not None else
+                        f"  {op}: skopeo/blobflow {ratio:.2f} (target {TARGETS[op]:.1f}), no raw run")
     parts = [f"image: {image.name}: {len(image.layers)} gzip layers, {image.total_bytes / MiB:.0f} MiB "
              f"({mb:.0f} MB) incl. config and manifest",
              "",
-             table(["op", "blobflow s median (min-max)", "skopeo s median (min-max)", "ratio skopeo/blobflow",
-                    "blobflow MB/s", "blobflow peak RSS MiB", "skopeo peak RSS MiB"], rows)]
+             table(["op", "blobflow s median (min-max)", "skopeo s median (min-max)", "raw curl s median (min-max)",
+                    "skopeo/blobflow", "raw/blobflow", "blobflow MB/s", "blobflow peak RSS MiB",
+                    "skopeo peak RSS MiB"], rows),
+             "",
+             "targets (issue #4): skopeo/blobflow >= 2.0 pull, 1.5 push, 1.5 copy; or, where the registry or the "
+             f"disk is the limit, blobflow at >= {CEILING_TARGET:.0%} of the raw ceiling (raw/blobflow):",
+             *verdicts,
+             "raw = plain curl, every blob at once, no hashing or checks (pull: GET to files + fsync each; push: "
+             "POST + monolithic PUT; copy: POST + PUT piped from the source GET); start-up included for all"]
     cpu_rows = []
     for op in ops:
         row = [op]
-        for tool in TOOLS:
+        for tool in (*TOOLS, RAW):
             ss = res.of(op, tool)
             row += [f"{statistics.median(s.user_s + s.sys_s for s in ss):.2f}" if ss else "-",
                     f"{statistics.median(s.registry_cpu_s for s in ss):.2f}" if ss else "-"]
         cpu_rows.append(row)
     parts += ["", "CPU seconds per run (median; user+sys; 'registries' = the Distribution process(es) involved):",
-              table(["op", "blobflow", "registries (blobflow run)", "skopeo", "registries (skopeo run)"], cpu_rows)]
+              table(["op", "blobflow", "registries", "skopeo", "registries", "raw curl", "registries"], cpu_rows)]
     if res.ceiling:
-        parts += ["", "pull ceiling (registry -> /dev/null, all layer blobs, no disk, no hashing):"]
+        parts += ["", "pull without a disk (registry -> /dev/null, all layer blobs, no hashing):"]
         best = min(statistics.median(v) for v in res.ceiling.values())
         layer_mb = sum(b["size"] for b in image.layers) / MB
         for name, values in res.ceiling.items():
@@ -879,9 +968,10 @@ def run(args: argparse.Namespace, res: Results) -> None:
         res.sha256_mb_s = sha256_speed()
 
         for op in args.ops:
-            log(f"\n== {op} ({args.repeat} x 2 runs)")
+            log(f"\n== {op} ({args.repeat} x 3 runs: blobflow, skopeo, raw curl)")
+            everyone = (*TOOLS, RAW)
             for r in range(args.repeat):
-                order = TOOLS if r % 2 == 0 else tuple(reversed(TOOLS))
+                order = everyone[r % 3:] + everyone[:r % 3]  # each goes first once in three repeats
                 for tool in order:
                     s = bench.run_once(op, tool, r, image, verify=(r == args.repeat - 1))
                     res.samples.append(s)
