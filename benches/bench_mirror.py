@@ -4,6 +4,7 @@
 Run from the repository's venv (``make bench-mirror``)::
 
     .venv/bin/python benches/bench_mirror.py [--quick] [--repeat N] [--json FILE] [--skopeo-modes yaml,per-repo]
+                                             [--source-latency MS[,MS...]]
 
 What is measured, and how it is kept fair (the conventions of ``bench_engine.py``, whose helpers this
 bench imports):
@@ -21,6 +22,27 @@ bench imports):
   ``yaml``: one process, a YAML source file naming every repository and tag; ``per-repo``: one
   ``skopeo sync --src docker SRC/bench/NAME DST/mirror`` per repository, in sequence (one timed shell).
   The table reports both and takes the faster as "skopeo" for the ratio.
+* Network conditions (``--source-latency``, default ``0,40``; one table each). The users this is for
+  mirror FROM a remote registry (Docker Hub, GHCR: 20-100 ms round trip) into a registry near them. On
+  loopback a request costs well under a millisecond, so a tool that sends its requests one after
+  another, image after image, as ``skopeo sync`` does, loses little; over a real round trip that
+  design is what makes it slow (skopeo#1021, "Sync is very, very slow"). Condition ``0`` is direct,
+  both registries on loopback as before. Condition ``MS`` puts a delaying reverse proxy in front of
+  the source: ``tests/faultproxy.py``'s FaultProxy with ``Faults(latency=MS/1000)`` and no other
+  fault, run by ``benches/latency_proxy.py`` in a process of its own (not in the bench's, whose GIL it
+  would share), listening on 127.0.0.1 only (checked on the bound sockets). Both tools read the source
+  through that one proxy (one process per condition, kept for the whole bench); the destination stays
+  direct (a registry near the mirror). The proxy sleeps MS ms before it forwards each request, HEAD,
+  manifest GET and blob GET alike (checked at start: each must take at least MS ms), and concurrent
+  requests sleep concurrently, as round trips do. Bodies stream through in 64 KiB chunks (memory stays
+  bounded, no blob is buffered whole), but every body byte passes through Python in the proxy: about 3
+  CPU seconds per GB and a few ms per request on the 2-CPU machine this was written on (one curl
+  stream: 140 MB/s through it, 300 direct), recorded per run ("proxy cpu s"); both tools pay it, and
+  on few cores it competes with them. Not modelled: connection set-up (a real remote adds a round trip
+  per new TCP connection and one or two for TLS, which costs the tool that opens more connections
+  more), token fetches, redirects of blob GETs to a CDN, and limited bandwidth (which would slow the
+  large images for both tools). Each proxied run checks that the proxy forwarded exactly the requests
+  the source registry logged.
 * Every timed "cold" run gets a fresh, empty destination registry. The "nothing changed" run follows
   on the same destination with the same plan. skopeo gets a fresh blob-info cache for every timed run
   (moved to a per-run directory through the environment, and checked afterwards), shared by all the
@@ -28,10 +50,12 @@ bench imports):
 * Both tools run under the same wrapper (``/usr/bin/time``), wall time around the whole process(es),
   start-up included; the order of the tools rotates in each repeat; dirty pages are flushed and the
   bench waits for a quiet second (``--settle``) before each timed run, and records the CPU other
-  work used meanwhile (the machine may be shared).
+  work used meanwhile (the machine may be shared). Conditions are interleaved: each repeat runs every
+  condition in turn.
 * Requests are counted at the registries themselves (their access logs, enabled for this bench):
   per run, requests to the source and to the destination, blob GETs and bytes served by the source,
-  and blob upload sessions and mounts at the destination.
+  and blob upload sessions and mounts at the destination. Behind the proxy the source registry still
+  logs every request (the proxy adds none and drops none).
 * Correctness after every run: every destination manifest (by tag) has the source's digest; after
   the last repeat's cold run, every blob of every destination manifest hashes to its digest.
 
@@ -54,6 +78,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +92,7 @@ from bench_engine import (
     Bench,
     BenchError,
     Runner,
+    child_env,
     fmt_s,
     header,
     http_get,
@@ -79,6 +105,7 @@ from bench_engine import (
     verify_served_blob,
     versions,
 )
+from latency_proxy import LatencyProxy
 
 from blobflow.localreg import LocalRegistry
 from blobflow.synth import build_image
@@ -92,6 +119,9 @@ DST_NS = "mirror"
 TOOLS = ("blobflow", "skopeo-yaml", "skopeo-per-repo")
 SKOPEO_MODES = ("yaml", "per-repo")
 PHASES = ("cold", "nothing changed")
+DEFAULT_SOURCE_LATENCY_MS = (0.0, 40.0)
+LOG_LAG_S = 2.0  # how long a run's last access log lines may take to land
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an environment proxy
 ACCESS_RE = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
 
 
@@ -141,9 +171,40 @@ class Source:
 
 
 @dataclass
+class Condition:
+    """How the tools reach the source: directly, or through a proxy that delays every request."""
+
+    source_latency_ms: float
+    source_host: str  # what the tools are given as the source: the registry's host, or the proxy's
+    proxy: LatencyProxy | None = None
+    probe_s: dict[str, float] = field(default_factory=dict)  # seconds of single requests through the proxy
+
+    @property
+    def name(self) -> str:
+        return "direct" if self.proxy is None else f"source +{self.source_latency_ms:g} ms"
+
+    @property
+    def title(self) -> str:
+        if self.proxy is None:
+            return "direct: source and destination registries on loopback, no proxy"
+        return (f"remote source: {self.source_latency_ms:g} ms added before each source request (delaying proxy "
+                f"{self.source_host} in front of the source, both tools through it); destination direct")
+
+    def describe(self) -> dict[str, Any]:
+        """The condition as recorded in --json."""
+        return {"name": self.name, "title": self.title, "source_latency_ms": self.source_latency_ms,
+                "source_host": self.source_host, "probe_s": self.probe_s,
+                "proxy": None if self.proxy is None else
+                f"tests/faultproxy.py FaultProxy, Faults(latency={self.source_latency_ms / 1000:g}) "
+                "in its own process (benches/latency_proxy.py)"}
+
+
+@dataclass
 class Sample:
     tool: str
     phase: str
+    condition: str  # Condition.name
+    source_latency_ms: float  # 0: direct
     repeat: int
     seconds: float
     peak_rss_kib: int
@@ -154,6 +215,7 @@ class Sample:
     settle_wait_s: float
     requests: dict[str, Any]
     argv: list[str]
+    proxy: dict[str, Any] | None  # what the delaying proxy did during the run: requests, bytes, cpu_s
 
 
 @dataclass
@@ -162,12 +224,13 @@ class Results:
     machine: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    conditions: list[dict[str, Any]] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
-    def of(self, tool: str, phase: str) -> list[Sample]:
-        return [s for s in self.samples if s.tool == tool and s.phase == phase]
+    def of(self, tool: str, phase: str, condition: str) -> list[Sample]:
+        return [s for s in self.samples if s.tool == tool and s.phase == phase and s.condition == condition]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,53 +385,58 @@ class MirrorBench(Bench):
         reg.start()
         return reg
 
-    def write_plan(self, source: Source, dst: str, scratch: Path) -> Path:
-        assert self.src is not None
+    def write_plan(self, source: Source, src: str, dst: str, scratch: Path) -> Path:
         lines = ["# blobflow mirror plan written by benches/bench_mirror.py: every repository, all tags", ""]
         for repo in source.repos:
-            lines += ["[[mirror]]", f'source = "{self.src.host}/{repo}"', f'destination = "{dst}/{dst_repo(repo)}"', ""]
+            lines += ["[[mirror]]", f'source = "{src}/{repo}"', f'destination = "{dst}/{dst_repo(repo)}"', ""]
         path = scratch / "plan.toml"
         path.write_text("\n".join(lines))
         return path
 
-    def write_yaml(self, source: Source, scratch: Path) -> Path:
-        assert self.src is not None
-        lines = [f'"{self.src.host}":', "  tls-verify: false", "  images:"]
+    def write_yaml(self, source: Source, src: str, scratch: Path) -> Path:
+        lines = [f'"{src}":', "  tls-verify: false", "  images:"]
         for repo in source.repos:
             lines.append(f"    {repo}: [{', '.join(json.dumps(t) for t in source.tags(repo))}]")
         path = scratch / "sync.yaml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def argv_for(self, tool: str, source: Source, dst: str, scratch: Path) -> list[str]:
-        assert self.src is not None
+    def argv_for(self, tool: str, source: Source, src: str, dst: str, scratch: Path) -> list[str]:
+        """The command for ``tool``, reading the source at host ``src`` (the registry, or the proxy before it)."""
         if tool == "blobflow":
             return [*self.blobflow, "mirror", "-q", "--plain-http", "--state-dir", str(scratch / "state"),
-                    "--report", str(scratch / "report.json"), str(self.write_plan(source, dst, scratch))]
+                    "--report", str(scratch / "report.json"), str(self.write_plan(source, src, dst, scratch))]
         common = ["skopeo", "sync", "--dest", "docker", "--src-tls-verify=false", "--dest-tls-verify=false"]
         if tool == "skopeo-yaml":
-            return [*common, "--src", "yaml", str(self.write_yaml(source, scratch)), f"{dst}/{DST_NS}"]
-        script = "\n".join(shlex.join([*common, "--src", "docker", f"{self.src.host}/{repo}", f"{dst}/{DST_NS}"])
+            return [*common, "--src", "yaml", str(self.write_yaml(source, src, scratch)), f"{dst}/{DST_NS}"]
+        script = "\n".join(shlex.join([*common, "--src", "docker", f"{src}/{repo}", f"{dst}/{DST_NS}"])
                            for repo in source.repos)
         return ["sh", "-ec", script]
 
-    def run_tool(self, tool: str, phase: str, repeat: int, source: Source, dst: LoggingRegistry,
+    def run_tool(self, tool: str, phase: str, repeat: int, source: Source, dst: LoggingRegistry, cond: Condition,
                  *, verify_blobs: bool) -> Sample:
         assert self.src is not None
-        scratch = self.fresh_dir(f"{tool}-{phase.replace(' ', '-')}-{repeat}")
+        label = f"{tool}-{phase.replace(' ', '-')}-{cond.name.replace(' ', '')}"
+        scratch = self.fresh_dir(f"{label}-{repeat}")
         try:
             env = self.tool_env("skopeo" if tool.startswith("skopeo") else tool, scratch)
-            argv = self.argv_for(tool, source, dst.host, scratch)
+            argv = self.argv_for(tool, source, cond.source_host, dst.host, scratch)
             os.sync()
             waited = self.settle()
             src_off, dst_off = self.src.log_offset(), dst.log_offset()
+            proxy_before = cond.proxy.stats() if cond.proxy else None
             try:
-                m = self.runner.run(argv, env=env, label=f"{tool}-{phase.replace(' ', '-')}",
-                                    registry_pids=[self.src.pid, dst.pid])
+                m = self.runner.run(argv, env=env, label=label, registry_pids=[self.src.pid, dst.pid])
             except BenchError as e:
                 raise BenchError(f"{e}\n--- destination registry log ---\n{dst.log_tail(2000)}") from None
+            proxied = None
+            if cond.proxy is not None and proxy_before is not None:
+                proxied = proxy_delta(proxy_before, cond.proxy.stats())
             time.sleep(0.05)  # let the registries' access log lines land
-            reqs = count_requests(self.src.requests_since(src_off), dst.requests_since(dst_off))
+            src_reqs = self.src.requests_since(src_off)
+            if proxied is not None:
+                src_reqs = self.check_proxied(proxied, src_off, src_reqs, f"{phase} run by {tool}, {cond.name}")
+            reqs = count_requests(src_reqs, dst.requests_since(dst_off))
             if tool == "blobflow":
                 report = json.loads((scratch / "report.json").read_text())
                 reqs["blobflow_reported"] = report.get("requests_per_host", {})
@@ -378,11 +446,39 @@ class MirrorBench(Bench):
                 self.check_skopeo_cache(scratch)
             # a "nothing changed" skopeo run only reads its (empty, per-run) cache, and skopeo creates the
             # cache file only when it records something: the cold run's check proves the redirection works
-            verify_destination(dst.host, source, f"{phase} run by {tool}", blobs=verify_blobs)
+            verify_destination(dst.host, source, f"{phase} run by {tool}, {cond.name}", blobs=verify_blobs)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return Sample(tool, phase, repeat, m.seconds, m.peak_rss_kib, m.user_s, m.sys_s, m.registry_cpu_s,
-                      m.other_cpu_s, waited, reqs, argv)
+        return Sample(tool, phase, cond.name, cond.source_latency_ms, repeat, m.seconds, m.peak_rss_kib, m.user_s,
+                      m.sys_s, m.registry_cpu_s, m.other_cpu_s, waited, reqs, argv, proxied)
+
+    def check_proxied(self, proxied: dict[str, Any], src_off: int, src_reqs: list[tuple[str, str, int, int]],
+                      what: str) -> list[tuple[str, str, int, int]]:
+        """The proxy forwarded exactly the requests the source registry logged, and none failed in the proxy.
+
+        Fewer logged than forwarded: the last lines may still be on their way (waits ``LOG_LAG_S``).
+        More logged: something reached the source without the proxy, and the run was not the condition.
+        """
+        assert self.src is not None
+        deadline = time.monotonic() + LOG_LAG_S
+        while len(src_reqs) < proxied["requests"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            src_reqs = self.src.requests_since(src_off)
+        if len(src_reqs) != proxied["requests"]:
+            raise BenchError(f"{what}: the proxy forwarded {proxied['requests']} requests, the source registry "
+                             f"logged {len(src_reqs)}: some requests did not go through the proxy")
+        if proxied["upstream_error"]:
+            raise BenchError(f"{what}: the proxy failed to reach the source {proxied['upstream_error']} times")
+        return src_reqs
+
+
+def proxy_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the proxy did between two ``LatencyProxy.stats()``: requests, bytes each way, errors, CPU."""
+    keys = ("requests", "requests:GET", "requests:HEAD", "blob_get", "bytes_to_client", "upstream_error",
+            "stream_error")
+    out: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+    out["cpu_s"] = round(after["cpu_s"] - before["cpu_s"], 3)
+    return out
 
 
 def verify_destination(host: str, source: Source, what: str, *, blobs: bool) -> None:
@@ -421,39 +517,59 @@ def med_req(samples: Sequence[Sample], key: str) -> str:
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
-def report(res: Results, tools: Sequence[str], source: Source) -> str:
+def report(res: Results, tools: Sequence[str], source: Source, conditions: Sequence[Condition]) -> str:
     n_img = len(source.images)
     parts = [f"source: {n_img} tags in {len(source.repos)} repositories, {source.unique_bytes / MiB:.0f} MiB of "
              f"distinct blobs ({sum(i['bytes'] for i in source.images) / MiB:.0f} MiB summed over tags); "
-             f"{source.shape.key}", ""]
+             f"{source.shape.key}"]
+    summary = []
+    for cond in conditions:
+        table_text, ratios = condition_table(res, tools, cond)
+        if not table_text:
+            continue
+        parts += ["", f"== {cond.title}", table_text, *ratios]
+        summary += [f"  {cond.name:18} {r}" for r in ratios]
+    if len(conditions) > 1 and summary:
+        parts += ["", "skopeo/blobflow by condition:", *summary]
+    parts += load_lines(res.machine, res.samples, lambda s: f"{s.tool} {s.phase} {s.condition} #{s.repeat + 1}",
+                        res.notes)
+    return "\n".join(parts)
+
+
+def condition_table(res: Results, tools: Sequence[str], cond: Condition) -> tuple[str, list[str]]:
+    """The table of one condition (cold and "nothing changed", every tool), and its ratio lines."""
     rows, ratios = [], []
     for phase in PHASES:
-        bf = res.of("blobflow", phase)
+        bf = res.of("blobflow", phase, cond.name)
         if not bf:
             continue
         bf_med = med(bf)
         for tool in tools:
-            ss = res.of(tool, phase)
+            ss = res.of(tool, phase, cond.name)
             if not ss:
                 continue
-            rows.append([phase, tool, fmt_s([s.seconds for s in ss]), f"{med(ss) / bf_med:.2f}",
-                         f"{statistics.median(s.user_s + s.sys_s for s in ss):.2f}",
-                         f"{max(s.peak_rss_kib for s in ss) / 1024:.0f}",
-                         med_req(ss, "src"), med_req(ss, "src_blob_gets"),
-                         f"{statistics.median(s.requests['src_blob_bytes'] for s in ss) / MB:.1f}",
-                         med_req(ss, "dst"), med_req(ss, "dst_uploads"), med_req(ss, "dst_mounts"),
-                         med_req(ss, "dst_manifest_puts")])
-        skopeos = {t: med(res.of(t, phase)) for t in tools if t != "blobflow" and res.of(t, phase)}
+            row = [phase, tool, fmt_s([s.seconds for s in ss]), f"{med(ss) / bf_med:.2f}",
+                   f"{statistics.median(s.user_s + s.sys_s for s in ss):.2f}",
+                   f"{max(s.peak_rss_kib for s in ss) / 1024:.0f}",
+                   med_req(ss, "src"), med_req(ss, "src_blob_gets"),
+                   f"{statistics.median(s.requests['src_blob_bytes'] for s in ss) / MB:.1f}",
+                   med_req(ss, "dst"), med_req(ss, "dst_uploads"), med_req(ss, "dst_mounts"),
+                   med_req(ss, "dst_manifest_puts")]
+            if cond.proxy is not None:
+                row.append(f"{statistics.median(s.proxy['cpu_s'] if s.proxy else 0.0 for s in ss):.2f}")
+            rows.append(row)
+        skopeos = {t: med(ss) for t in tools if t != "blobflow" and (ss := res.of(t, phase, cond.name))}
         if skopeos:
             best = min(skopeos, key=lambda t: skopeos[t])
             ratios.append(f"{phase}: skopeo/blobflow = {skopeos[best]:.2f}/{bf_med:.2f} s = "
                           f"{skopeos[best] / bf_med:.2f}  (fastest skopeo mode: {best})")
-    parts.append(table(["run", "tool", "seconds median (min-max)", "ratio tool/blobflow", "cpu s", "peak RSS MiB",
-                        "src reqs", "src blob GETs", "src blob MB", "dst reqs", "dst uploads", "dst mounts",
-                        "manifest PUTs"], rows))
-    parts += ["", *ratios]
-    parts += load_lines(res.machine, res.samples, lambda s: f"{s.tool} {s.phase} #{s.repeat + 1}", res.notes)
-    return "\n".join(parts)
+    if not rows:
+        return "", []
+    columns = ["run", "tool", "seconds median (min-max)", "ratio tool/blobflow", "cpu s", "peak RSS MiB",
+               "src reqs", "src blob GETs", "src blob MB", "dst reqs", "dst uploads", "dst mounts", "manifest PUTs"]
+    if cond.proxy is not None:
+        columns.append("proxy cpu s")
+    return table(columns, rows), ratios
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +586,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of yaml,per-repo (default: both)")
     p.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
                    help="before each timed run, wait up to SECONDS for a quiet second (default 30; 0: don't)")
+    p.add_argument("--source-latency", action="append", metavar="MS[,MS...]",
+                   help="network conditions, one table each: milliseconds a proxy in front of the source adds "
+                        "before each request, 0 = direct, no proxy (repeatable or comma list; default: "
+                        f"{','.join(f'{ms:g}' for ms in DEFAULT_SOURCE_LATENCY_MS)})")
     args = p.parse_args(argv)
+    latencies: list[float] = []
+    for text in args.source_latency or [",".join(map(str, DEFAULT_SOURCE_LATENCY_MS))]:
+        for item in (t.strip() for t in text.split(",")):
+            try:
+                ms = float(item)
+            except ValueError:
+                p.error(f"--source-latency takes milliseconds (e.g. 0,40); got {item!r}")
+            if not 0 <= ms <= 10_000:
+                p.error(f"--source-latency: {item} ms is outside 0-10000")
+            if ms not in latencies:
+                latencies.append(ms)
+    args.source_latency = latencies
     modes = [m.strip() for m in args.skopeo_modes.split(",") if m.strip()]
     if not modes or any(m not in SKOPEO_MODES for m in modes):
         p.error(f"--skopeo-modes takes a comma-separated subset of {','.join(SKOPEO_MODES)}")
@@ -507,32 +639,86 @@ def run(args: argparse.Namespace, res: Results) -> None:
             f"{source.unique_bytes / MiB:.0f} MiB distinct; page cache warmed ({warmed / MiB:.0f} MiB read)")
         log(f"blobflow runs as: {shlex.join(bench.blobflow)}")
 
+        conditions = [start_condition(bench, src, source, ms) for ms in args.source_latency]
+        res.conditions = [c.describe() for c in conditions]
+
         tools = args.tools
         for r in range(args.repeat):
             order = tools[r % len(tools):] + tools[:r % len(tools)]
-            log(f"\n== repeat {r + 1}/{args.repeat}: {', '.join(order)}")
-            for tool in order:
-                dst = bench.start_logging_registry(bench.fresh_dir(f"dst-{tool}-{r}"))
-                try:
-                    for phase in PHASES:
-                        s = bench.run_tool(tool, phase, r, source, dst,
-                                           verify_blobs=(phase == "cold" and r == args.repeat - 1))
-                        res.samples.append(s)
-                        q = s.requests
-                        log(f"  {tool:15} {phase:15} #{r + 1}: {s.seconds:7.2f} s  cpu {s.user_s + s.sys_s:5.2f} s"
-                            f"  peak RSS {s.peak_rss_kib / 1024:4.0f} MiB  src {q['src']} reqs"
-                            f" ({q['src_blob_gets']} blob GETs, {q['src_blob_bytes'] / MB:.1f} MB)"
-                            f"  dst {q['dst']} reqs ({q['dst_uploads']} uploads, {q['dst_mounts']} mounts)"
-                            f"  other cpu {s.other_cpu_s:5.2f} s"
-                            + (f"  (waited {s.settle_wait_s:.0f} s for quiet)" if s.settle_wait_s > 1.5 else ""))
-                finally:
-                    dst.stop()
-                    shutil.rmtree(dst.root, ignore_errors=True)
+            for cond in conditions:
+                log(f"\n== repeat {r + 1}/{args.repeat}, {cond.title}: {', '.join(order)}")
+                for tool in order:
+                    dst = bench.start_logging_registry(bench.fresh_dir(f"dst-{tool}-{r}"))
+                    try:
+                        for phase in PHASES:
+                            s = bench.run_tool(tool, phase, r, source, dst, cond,
+                                               verify_blobs=(phase == "cold" and r == args.repeat - 1))
+                            res.samples.append(s)
+                            log_sample(s)
+                    finally:
+                        dst.stop()
+                        shutil.rmtree(dst.root, ignore_errors=True)
 
         log("\n" + "=" * 100)
         log(header(res, bench.runner.rss_method, skip=("curl",)))
         log("")
-        log(report(res, tools, source))
+        log(report(res, tools, source, conditions))
+
+
+def log_sample(s: Sample) -> None:
+    q = s.requests
+    log(f"  {s.tool:15} {s.phase:15} #{s.repeat + 1}: {s.seconds:7.2f} s  cpu {s.user_s + s.sys_s:5.2f} s"
+        f"  peak RSS {s.peak_rss_kib / 1024:4.0f} MiB  src {q['src']} reqs"
+        f" ({q['src_blob_gets']} blob GETs, {q['src_blob_bytes'] / MB:.1f} MB)"
+        f"  dst {q['dst']} reqs ({q['dst_uploads']} uploads, {q['dst_mounts']} mounts)"
+        + (f"  proxy cpu {s.proxy['cpu_s']:5.2f} s" if s.proxy else "")
+        + f"  other cpu {s.other_cpu_s:5.2f} s"
+        + (f"  (waited {s.settle_wait_s:.0f} s for quiet)" if s.settle_wait_s > 1.5 else ""))
+
+
+def start_condition(bench: MirrorBench, src: LoggingRegistry, source: Source, latency_ms: float) -> Condition:
+    """Direct for 0; else a delaying proxy in its own process before ``src``, checked, stopped on exit."""
+    if latency_ms == 0:
+        return Condition(0.0, src.host)
+    proxy = LatencyProxy(src.url, latency_ms, log_path=bench.work / "logs" / f"proxy-{latency_ms:g}ms.log",
+                         env=child_env())
+    bench.stack.callback(proxy.stop)
+    try:
+        proxy.start()
+    except RuntimeError as e:
+        raise BenchError(str(e)) from None
+    cond = Condition(latency_ms, proxy.host, proxy)
+    cond.probe_s = probe_latency(cond, source)
+    log(f"{cond.name}: proxy {proxy.host} (pid {proxy.pid}) in front of {src.host}; single requests through it: "
+        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in cond.probe_s.items()))
+    return cond
+
+
+def probe_latency(cond: Condition, source: Source) -> dict[str, float]:
+    """HEAD and GET of a manifest and GET of a blob through the proxy: each takes at least the latency."""
+    image = source.images[0]
+    blob = next(iter(image["blobs"]))
+    base = f"http://{cond.source_host}/v2/{image['repo']}"
+    probes = {"manifest HEAD": ("HEAD", f"{base}/manifests/{image['tag']}", image["digest"]),
+              "manifest GET": ("GET", f"{base}/manifests/{image['tag']}", image["digest"]),
+              "blob GET": ("GET", f"{base}/blobs/{blob}", blob)}
+    out = {}
+    for name, (method, url, digest) in probes.items():
+        req = urllib.request.Request(url, method=method, headers={"Accept": MANIFEST_ACCEPT})
+        start = time.perf_counter()
+        with _DIRECT.open(req, timeout=30) as r:
+            body = r.read()
+        out[name] = time.perf_counter() - start
+        if method == "HEAD":
+            got = r.headers.get("Docker-Content-Digest")
+        else:
+            got = "sha256:" + hashlib.sha256(body).hexdigest()
+        if got != digest:
+            raise BenchError(f"{cond.name}: {method} {url} through the proxy gave {got}, expected {digest}")
+        if out[name] < cond.source_latency_ms / 1000:
+            raise BenchError(f"{cond.name}: {method} {url} took {out[name] * 1000:.1f} ms through the proxy, "
+                             f"less than its {cond.source_latency_ms:g} ms latency")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
