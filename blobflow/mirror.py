@@ -222,17 +222,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-async def expand(ctx: Context, plan: MirrorPlan, end: Any) -> list[MirrorItem]:
-    """Resolve each entry's tags (listing the source repository when it selects by pattern)."""
-    items: list[MirrorItem] = []
-    for entry in plan.entries:
-        available: list[str] = []
-        if entry.tags is None:
-            src = end(ctx, entry.source)
-            available = await src.client.list_tags(src.repository)
-        for tag in select_tags(available, entry):
-            items.append(MirrorItem(entry.source.with_tag(tag), entry.destination.with_tag(tag), entry.platforms))
-    return items
+async def expand(ctx: Context, entry: MirrorEntry, end: Any) -> list[MirrorItem]:
+    """The images of one entry (listing the source repository when it selects by pattern)."""
+    available: list[str] = []
+    if entry.tags is None:
+        src = end(ctx, entry.source)
+        available = await src.client.list_tags(src.repository)
+    return [MirrorItem(entry.source.with_tag(tag), entry.destination.with_tag(tag), entry.platforms)
+            for tag in select_tags(available, entry)]
 
 
 async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool,
@@ -267,13 +264,26 @@ async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[i
     started = time.monotonic()
     index, shards = shard
     result = MirrorResult(shard=f"{index}/{shards}")
-    items = [i for i in await expand(ctx, plan, end) if shard_of(str(i.source), shards) == index]
     convert = convert or plan.recompress
-    futures = [ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run, convert=convert))
-               for item in items]
-    for fut in futures:
+
+    async def mirror_entry(entry: MirrorEntry) -> list[ImageReport]:
+        # every entry lists its tags at once and starts its images as soon as it knows them:
+        # against a remote source, listing one repository after another costs a round trip each
+        try:
+            items = await expand(ctx, entry, end)
+        except BlobflowError as e:  # this entry fails; the rest of the plan goes on
+            return [ImageReport(str(entry.source), str(entry.destination), "failed", error=f"listing tags: {e}")]
+        futures = [ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run, convert=convert))
+                   for item in items if shard_of(str(item.source), shards) == index]
+        reports = []
+        for fut in futures:
+            with contextlib.suppress(asyncio.CancelledError):
+                reports.append(await fut)
+        return reports
+
+    for fut in [ctx.scheduler.spawn(mirror_entry(entry)) for entry in plan.entries]:
         with contextlib.suppress(asyncio.CancelledError):
-            result.images.append(await fut)
+            result.images += await fut
     result.requests = {name: c.requests for name, c in ctx.pool.clients.items()}
     result.throttled = {name: c.gate.throttles for name, c in ctx.pool.clients.items()}
     result.seconds = round(time.monotonic() - started, 3)

@@ -6,11 +6,13 @@ import asyncio
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import MakeProxy
-from faultproxy import BLOB_PATH
+from faultproxy import BLOB_PATH, Faults
 
 import blobflow
 from blobflow.errors import BadInputError
@@ -114,9 +116,10 @@ def _plan(path: Path, src: str, dst: str, *, broken: bool = False) -> Path:
     for r in range(REPOS):
         lines += ["[[mirror]]", f'source = "{src}/lib/app{r}"', f'destination = "{dst}/mirror/app{r}"',
                   "include = ['^1\\.\\d+$']", ""]
-    if broken:
+    if broken:  # an image that does not exist, and a repository whose tags cannot be listed
         lines += ["[[mirror]]", f'source = "{src}/lib/broken"', f'destination = "{dst}/mirror/broken"',
-                  'tags = ["1.0"]', ""]
+                  'tags = ["1.0"]', "",
+                  "[[mirror]]", f'source = "{src}/lib/missing"', f'destination = "{dst}/mirror/missing"', ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -174,10 +177,34 @@ async def test_one_broken_image_exits_3_and_the_rest_are_mirrored(
     assert code == 3, (out, err)
     report = json.loads((tmp_path / "r.json").read_text())
     failed = [i for i in report["images"] if i["status"] == "failed"]
-    assert [i["source"] for i in failed] == [f"{registry.host}/lib/broken:1.0"]
+    assert [i["source"] for i in failed] == [f"{registry.host}/lib/broken:1.0", f"{registry.host}/lib/missing"]
     assert "MANIFEST_UNKNOWN" in failed[0]["error"] or "NAME_UNKNOWN" in failed[0]["error"]
+    assert failed[1]["error"].startswith("listing tags: ") and "NAME_UNKNOWN" in failed[1]["error"]
     assert sum(i["status"] == "copied" for i in report["images"]) == len(digests)
     assert "failed" in out
+
+
+async def test_every_repository_is_listed_at_once(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path, layouts: Path,
+) -> None:
+    """A remote source answers each request a round trip later: listing the plan's repositories
+    one after another would cost a round trip each before the last one's images could start."""
+    await _populate(registry, layouts, tmp_path)
+    listed: list[float] = []
+
+    def tag_list(request: web.Request) -> bool:
+        if request.path.endswith("/tags/list"):
+            listed.append(time.monotonic())
+            return True
+        return False
+
+    rtt = 0.5
+    p = await proxy(registry, Faults(latency=rtt, match=tag_list))
+    code, _, err = await _mirror(_plan(tmp_path / "plan.toml", p.host, registry2.host), "--state-dir",
+                                 str(tmp_path / "state"))
+    assert code == 0, err
+    assert len(listed) == REPOS
+    assert max(listed) - min(listed) < rtt  # every listing went out before the first answer came back
 
 
 async def test_shards_mirror_the_whole_plan_exactly_once(
