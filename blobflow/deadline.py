@@ -331,7 +331,7 @@ class _Destination:
         self.estimator = ThroughputEstimator(clock=clock, **estimator_timing(self.window))
         self.poll = min(0.5, max(0.02, self.window / 50))
         self.report_every = min(15.0, max(0.25, self.window / 20))
-        self.in_flight = config.socket_buffer + config.read_size
+        self.in_flight = config.socket_buffer + max(config.read_size, config.file_read_size)
         self.tickets: dict[int, UploadTicket] = {}
         self.waiters = 0
         self._changed = asyncio.Event()

@@ -217,7 +217,7 @@ def test_request_chunks_take_a_quarter_of_a_per_request_window() -> None:
 
 def tracker(clock: FakeClock, events: list[Event], **config: object) -> DeadlineTracker:
     options: dict[str, object] = {"upload_window": 10.0, "monolithic_threshold": 1024, "read_size": 65536,
-                                  "socket_buffer": 0}
+                                  "file_read_size": 65536, "socket_buffer": 0}
     options.update(config)
     return DeadlineTracker(EngineConfig(**options), emit=events.append, clock=clock)  # type: ignore[arg-type]
 

@@ -50,6 +50,7 @@ def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def windowed_config(window: float, **overrides: Any) -> blobflow.EngineConfig:
     options: dict[str, Any] = dict(plain_http=True, upload_window=window, retries=0, read_size=64 * KiB,
+                                   file_read_size=64 * KiB,
                                    socket_buffer=1024 * KiB, monolithic_threshold=256 * KiB)
     options.update(overrides)
     return blobflow.EngineConfig(**options)

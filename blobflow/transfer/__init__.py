@@ -39,7 +39,7 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
             return Push(ctx, dst, desc, registry_opener(ctx, src, desc))
         if isinstance(src, StreamEnd):
             return Push(ctx, dst, desc, src.open_blob(desc), local=True)
-        return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.read_size), local=True)
+        return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.file_read_size), local=True)
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
 
