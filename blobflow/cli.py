@@ -7,12 +7,13 @@ import asyncio
 import dataclasses
 import getpass
 import json
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from ._render import JsonRenderer, LogRenderer, Renderer
@@ -24,7 +25,7 @@ from .mirror import load_plan, parse_shard
 from .registry import Credentials, RegistryPool, store_credentials
 from .types import Reference
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -521,5 +522,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def entry() -> NoReturn:
+    """The ``blobflow`` command: :func:`main`, then leave without tearing the interpreter down.
+
+    Interpreter shutdown (collecting every module of aiohttp, asyncio, attrs ...) took 0.12-0.17 s
+    on the 2-core machines here, a tenth of a small job and a quarter of a "nothing changed"
+    mirror. By then the job is over: blobs, layouts and journal records are written, fsynced
+    where they must be, and closed; the event loop is closed; only output buffers remain.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader went away (`blobflow tags R | head -1`)
+        code = code or EXIT_FAILED
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()
