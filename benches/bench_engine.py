@@ -23,8 +23,13 @@ What is measured, and how it is kept fair:
 * Correctness is checked after the last repeat of each op for both tools: every blob of a pulled
   layout hashes to its name and the tag points at the source manifest; a destination registry
   serves the source manifest digest and every blob hashes to its digest.
-* A raw ceiling for pull: curl GETs all layer blobs in parallel to /dev/null (one stream per
-  layer, and 32 MiB ranges on 16 streams), so readers see what the registry itself can serve.
+* A raw ceiling per op, run as a third "tool" in the same rotation, fresh destination each time:
+  a bash script of plain curl requests, every blob at once, no hashing and no checks (pull: GET
+  into files, then fsync each; push: POST + one monolithic PUT per blob; copy: POST + a PUT whose
+  body is piped from the source GET; then the manifest). Issue #4 counts an op as meeting its
+  target at >= 90% of this ceiling where the registry or the disk is the limit, and the report
+  says per op whether it does. Also for pull: the registry to /dev/null (one stream per layer,
+  and 32 MiB ranges on 16 streams), what it can serve without a disk.
 * Copy RSS scaling: blobflow's peak RSS copying the image, and an image whose largest layer is
   doubled (skipped with ``--quick``); PRODUCT.md promises memory that does not grow with blob size.
 
