@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import zstandard
-
 from .errors import BadInputError, TransferError
 from .types import MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor, Digest
 
@@ -181,6 +179,9 @@ class _Gzip:
 
 class _Zstd:
     def __init__(self) -> None:
+        import zstandard  # imported when a job converts: every start would pay its 12 ms
+
+        self._error = zstandard.ZstdError
         self._dctx = zstandard.ZstdDecompressor()
         self._d: Any = self._dctx.decompressobj()
         self._started = False
@@ -197,7 +198,7 @@ class _Zstd:
                     part = self._d.unused_data if self._d.eof else b""
                     if out:
                         yield out
-        except zstandard.ZstdError as e:
+        except self._error as e:
             raise CorruptStreamError(f"zstd stream is corrupt ({e})") from None
 
     def finish(self) -> None:
@@ -214,6 +215,8 @@ def _encoder(codec: Codec) -> _Encoder:
     if codec.name == "gzip":
         enc: _Encoder = zlib.compressobj(codec.level, zlib.DEFLATED, 31)
         return enc
+    import zstandard
+
     return zstandard.ZstdCompressor(level=codec.level, threads=ZSTD_THREADS).compressobj()
 
 

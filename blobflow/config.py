@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +96,8 @@ def load_registry_limits(path: str | Path) -> dict[str, RegistryLimits]:
 
     Flags (``--upload-window``, ``--max-layer-size``) still win over the file.
     """
+    import tomllib  # only jobs given a limits file pay its import
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

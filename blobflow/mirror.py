@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import re
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +179,8 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
 
 
 def load_plan(path: Path | str) -> MirrorPlan:
+    import tomllib  # only mirror jobs pay its import (~20 ms of every start otherwise)
+
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
