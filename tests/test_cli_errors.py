@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -462,3 +464,22 @@ async def test_pull_recovers_from_some_corrupt_responses(registry: LocalRegistry
     assert contents.files == {str(desc.digest), *image_blobs(src, str(desc.digest))}
     for digest in contents.files:
         assert blob_file(dst, digest).read_bytes() == blob_file(src, digest).read_bytes()
+
+
+async def test_a_reader_that_went_away_ends_the_command_quietly(registry: LocalRegistry, tmp_path: Path) -> None:
+    """`blobflow tags R | head -0`: stdout is a pipe nobody reads. The command exits non-zero
+    without a traceback or an 'Exception ignored' line at shutdown."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [16 * KiB], seed=6)
+    await blobflow.Client().push(src, f"{registry.host}/r:v1")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blobflow", "tags", f"{registry.host}/r",
+            stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode(), err.decode()
