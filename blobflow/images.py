@@ -25,11 +25,15 @@ from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, en
 from .transfer.convert import Conversion, convert_layer, plan_conversion, rewrite_manifests
 from .types import Descriptor, Digest, Reference
 
-__all__ = ["ImageOutcome", "Platform", "check_annotations", "collect", "fetch_root", "preflight_sizes",
-           "retrying", "transfer_image"]
+__all__ = ["CONVERTED_FROM", "CONVERTED_TO", "ImageOutcome", "Platform", "check_annotations", "collect",
+           "converted_from", "fetch_root", "preflight_sizes", "retrying", "transfer_image"]
 
 T = TypeVar("T")
 GHCR_DESCRIPTION_MAX = 512
+# a recompressed image's root manifest records what it was converted from, so a later mirror run
+# can see that the destination is up to date (its digest can never equal the source's)
+CONVERTED_FROM = "dev.blobflow.converted.from"  # the source root manifest's digest
+CONVERTED_TO = "dev.blobflow.converted.to"  # the codec, e.g. zstd:3
 GHCR_LICENSES_MAX = 256
 
 
@@ -146,6 +150,7 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     media type). Any failure aborts the image before a manifest is written."""
     wanted = [Platform.parse(p) for p in platforms] if platforms is not None else None
     root = await retrying(ctx, str(src), lambda: fetch_root(src, src_ref))
+    source_digest = root.digest
     root, manifests = await retrying(ctx, str(src), lambda: collect(src, root, platform, platforms=wanted))
     if annotations:
         root = annotate(root, annotations)
@@ -188,7 +193,10 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     if convert is not None and not dry_run:
         converted = {dg: f.result() for dg, f in converting.items()}
         kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)
+        before = root.digest
         root, manifests = rewrite_manifests(root, manifests, converted, convert)
+        if root.digest != before:  # say what it was made from: a re-run can tell it is up to date
+            root = annotate(root, {CONVERTED_FROM: str(source_digest), CONVERTED_TO: str(convert)})
         ctx.emit(Event("info", target=str(dst), n=len(converted), detail=(
             f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
             f"{len(kept)} copied as they are")))
@@ -210,6 +218,14 @@ async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]])
     cfg = ctx.config
     return await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
                               emit=ctx.emit, what=what)
+
+
+def converted_from(raw: RawManifest) -> tuple[str, str] | None:
+    """(source digest, codec) that a root written by ``transfer_image(convert=...)`` records."""
+    notes = raw.doc.get("annotations") or {}
+    if not isinstance(notes, dict) or CONVERTED_FROM not in notes or CONVERTED_TO not in notes:
+        return None
+    return str(notes[CONVERTED_FROM]), str(notes[CONVERTED_TO])
 
 
 def annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import Cli
+from conftest import Cli, MakeProxy
 
 import blobflow
 from blobflow.codec import Codec, CorruptStreamError, Recoder, layer_compression
@@ -206,8 +206,13 @@ async def test_wrong_diff_id_aborts_the_push(registry: LocalRegistry, cli: Cli, 
     assert fetch(registry, f"{repo_name}/manifests/v1", "HEAD")[0] == 404
 
 
+def statuses(mirror_output: str) -> list[str]:
+    """Each image line's status: '  up to date  SRC -> DST' / '    copied  SRC -> DST  (...)'."""
+    return [line.split("  ")[0].strip() or line.split()[0] for line in mirror_output.splitlines() if " -> " in line]
+
+
 async def test_mirror_recompress_converts_every_image_of_the_plan(registry: LocalRegistry, registry2: LocalRegistry,
-                                                                  cli: Cli, tmp_path: Path) -> None:
+                                                                  cli: Cli, proxy: MakeProxy, tmp_path: Path) -> None:
     for t in range(2):
         build_image(tmp_path / f"img{t}", f"1.{t}", [64 * KiB], seed=20 + t, base_layers=[32 * KiB], base_seed=1)
         await blobflow.Client().push(tmp_path / f"img{t}", f"{registry.host}/lib/app:1.{t}")
@@ -224,7 +229,22 @@ async def test_mirror_recompress_converts_every_image_of_the_plan(registry: Loca
             assert status == 200
             tar = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
             assert Digest.of(tar) == Digest.parse(diff)
+        source = str(Digest.of(fetch(registry, f"lib/app/manifests/1.{t}")[1]))
+        assert manifest["annotations"] == {"dev.blobflow.converted.from": source, "dev.blobflow.converted.to": "zstd:3"}
+
+    # the next run finds both images up to date from their roots' annotations: no blob moves
+    counted = await proxy(registry)
+    plan.write_text(plan.read_text().replace(registry.host, counted.host))
+    again = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert again.returncode == 0, again.output
+    assert statuses(again.stdout) == ["up to date", "up to date"] and counted.counters["blob_get"] == 0
+    # another level is another conversion
+    plan.write_text(plan.read_text().replace("zstd:3", "zstd:5"))
+    other = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert other.returncode == 0, other.output
+    assert statuses(other.stdout) == ["copied", "copied"] and counted.counters["blob_get"] > 0
+
     bad = tmp_path / "bad.toml"
-    bad.write_text(plan.read_text().replace("zstd:3", "brotli"))
+    bad.write_text(plan.read_text().replace("zstd:5", "brotli"))
     refused = await cli("mirror", "--plain-http", str(bad))
     assert refused.returncode == 2 and "recompress" in refused.stderr
