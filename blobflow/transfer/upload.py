@@ -24,7 +24,6 @@ from ..progress import Event
 from ..registry import Upload
 from ..retry import backoff_delay
 from ..types import Descriptor
-from ..verify import update_hash
 from .base import Context
 from .ends import RegistryEnd
 
@@ -230,7 +229,9 @@ class _Outgoing:
             if self.read_pos + len(chunk) > size:
                 raise DigestMismatchError(f"blob {digest}: source has more bytes than its size {size}",
                                           retryable=not self.push.local)
-            await update_hash(self.h, chunk)
+            # hashed in the loop's thread (hashlib lets go of the GIL for large buffers): a
+            # worker-thread hop per chunk cost more CPU than it saved (copy of 1 GiB: -0.4 CPU-s)
+            self.h.update(chunk)
             self.read_pos += len(chunk)
             self.source_failures = 0  # the source advanced: its retries count failures in a row
             self.push.snapshots[self.read_pos] = self.h.copy()
