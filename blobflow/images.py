@@ -30,11 +30,11 @@ __all__ = ["CONVERTED_FROM", "CONVERTED_TO", "ImageOutcome", "Platform", "check_
 
 T = TypeVar("T")
 GHCR_DESCRIPTION_MAX = 512
+GHCR_LICENSES_MAX = 256
 # a recompressed image's root manifest records what it was converted from, so a later mirror run
 # can see that the destination is up to date (its digest can never equal the source's)
 CONVERTED_FROM = "dev.blobflow.converted.from"  # the source root manifest's digest
 CONVERTED_TO = "dev.blobflow.converted.to"  # the codec, e.g. zstd:3
-GHCR_LICENSES_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .codec import Codec
 from .errors import BadInputError, BlobflowError
@@ -39,6 +39,8 @@ from .transfer import Context, RegistryEnd
 from .types import Digest, Reference
 
 __all__ = ["MirrorEntry", "MirrorItem", "MirrorPlan", "load_plan", "run_mirror", "select_tags", "shard_of"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +273,15 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
     return report
 
 
+async def _settled(futures: Sequence[asyncio.Future[T]]) -> list[T]:
+    """The futures' results in order, leaving out the cancelled ones (a job being interrupted)."""
+    results = []
+    for fut in futures:
+        with contextlib.suppress(asyncio.CancelledError):
+            results.append(await fut)
+    return results
+
+
 async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[int, int] = (0, 1),
                      dry_run: bool = False, convert: Codec | None = None) -> MirrorResult:
     """Mirror every item of this shard in one job: one scheduler, so shared blobs move once."""
@@ -286,17 +297,11 @@ async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[i
             items = await expand(ctx, entry, end)
         except BlobflowError as e:  # this entry fails; the rest of the plan goes on
             return [ImageReport(str(entry.source), str(entry.destination), "failed", error=f"listing tags: {e}")]
-        futures = [ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run, convert=convert))
-                   for item in items if shard_of(str(item.source), shards) == index]
-        reports = []
-        for fut in futures:
-            with contextlib.suppress(asyncio.CancelledError):
-                reports.append(await fut)
-        return reports
+        return await _settled([ctx.scheduler.spawn(_mirror_one(ctx, item, end, dry_run=dry_run, convert=convert))
+                               for item in items if shard_of(str(item.source), shards) == index])
 
-    for fut in [ctx.scheduler.spawn(mirror_entry(entry)) for entry in plan.entries]:
-        with contextlib.suppress(asyncio.CancelledError):
-            result.images += await fut
+    for reports in await _settled([ctx.scheduler.spawn(mirror_entry(entry)) for entry in plan.entries]):
+        result.images += reports
     result.requests = {name: c.requests for name, c in ctx.pool.clients.items()}
     result.throttled = {name: c.gate.throttles for name, c in ctx.pool.clients.items()}
     result.seconds = round(time.monotonic() - started, 3)
