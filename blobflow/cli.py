@@ -72,7 +72,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transfer options")
-    g.add_argument("--concurrency", type=_positive_int, metavar="N", help="blobs moved at once (default 8)")
+    g.add_argument("--concurrency", type=_positive_int, metavar="N",
+                   help="blobs over 1 MiB moved at once (default 8); as many small ones move beside them")
     g.add_argument("--chunk-size", type=_size, metavar="SIZE",
                    help="upload in PATCH chunks of SIZE (default: one streamed PATCH per blob)")
     g.add_argument("--part-size", type=_size, metavar="SIZE", help="download range size (default 32MiB)")

@@ -151,15 +151,19 @@ def _limit_value(path: str | Path, host: str, key: str, value: Any) -> Any:
 class EngineConfig:
     """Tuning of the transfer engine.
 
-    Memory bound: blob bytes are never held whole. At most ``concurrency`` blobs move at once;
-    a download holds up to ``parts_per_blob`` reads of ``read_size`` bytes, an upload or copy
-    holds ``copy_buffer`` chunks of ``read_size`` bytes plus one ``read_size`` in flight, so
+    Memory bound: blob bytes are never held whole. At most ``concurrency`` blobs over 1 MiB move
+    at once; a download holds up to ``parts_per_blob`` reads of ``read_size`` bytes, an upload or
+    copy holds ``copy_buffer`` chunks of ``read_size`` bytes plus one ``read_size`` in flight, so
     blob data in memory stays below about
     ``concurrency * max(parts_per_blob, copy_buffer + 1) * read_size`` (8 * 9 * 1 MiB = 72 MiB
-    with the defaults) whatever the blob sizes are. An upload from a file holds one read of
-    ``file_read_size`` plus at most one more queued for the socket (8 * 2 * 4 MiB = 64 MiB): a
-    file never makes the upload wait, so larger reads only save per-chunk work (thread hops, hash
-    calls, socket writes); 1 GiB pushed went from 63 to 112 MiB peak RSS and ~0.3 s faster.
+    with the defaults) whatever the blob sizes are, plus the small blobs (1 MiB at most) moving
+    beside them in a lane of their own (``concurrency`` MiB). Mounts of a blob another repository
+    of the registry already has go through that lane too; when a registry refuses one, the blob is
+    moved from there, so in the worst case (every mount refused) the bound doubles. An upload from
+    a file holds one read of ``file_read_size`` plus at most one more queued for the socket
+    (8 * 2 * 4 MiB = 64 MiB): a file never makes the upload wait, so larger reads only save
+    per-chunk work (thread hops, hash calls, socket writes); 1 GiB pushed went from 63 to 112 MiB
+    peak RSS and ~0.3 s faster.
     """
 
     concurrency: int = 8

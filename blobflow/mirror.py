@@ -5,7 +5,7 @@ tag such as ``1.10`` into the number 1.1)::
 
     [defaults]
     platforms = "all"              # or ["linux/amd64", "linux/arm64"]
-    concurrency = 16               # blob transfers at once (the CLI flag wins)
+    concurrency = 16               # blob transfers over 1 MiB at once, as many small ones (the CLI flag wins)
     rate = 20                      # requests per second per source host (0: unlimited)
     recompress = "zstd:3"          # convert tar layers while they stream (or leave them as they are)
 

@@ -1,9 +1,10 @@
 """The scheduler: owns every task of a job.
 
-Blob jobs are queued and started by a pure policy function (:func:`pick`) under a global
-concurrency limit; one job runs per key (single flight: two images sharing a layer move it once);
-a blob's parallel parts run through :meth:`Scheduler.parallel`, image-level work through
-:meth:`Scheduler.spawn`. Nothing else in blobflow creates tasks.
+Blob jobs are queued and started by a pure policy function (:func:`pick`), ``concurrency`` at
+once in each of two lanes (large blobs, small ones); one job runs per key (single flight: two
+images sharing a layer move it once); a blob's parallel parts run through
+:meth:`Scheduler.parallel`, image-level work through :meth:`Scheduler.spawn`. Nothing else in
+blobflow creates tasks.
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ class JobSpec:
 
 
 def pick(pending: Sequence[JobSpec], running: Sequence[JobSpec], concurrency: int) -> list[JobSpec]:
-    """Which pending jobs to start now.
+    """Which pending jobs to start now: two lanes of ``concurrency`` slots each.
 
-    Largest first, so the long transfers begin early and the tail is made of small ones; small
-    jobs (configs, tiny layers) go before large ones and one small job may always start even
-    when every slot is busy, so metadata is never starved behind multi-GB layers. Ties keep
-    submission order.
+    Large jobs (over :data:`SMALL`) take their bandwidth-bound lane largest first, so the long
+    transfers begin early and the tail is made of short ones. Small jobs (configs, tiny layers)
+    cost round trips rather than bandwidth: they have a lane of their own, in submission order,
+    so they never wait behind multi-GB layers and never keep one from starting. (With one lane,
+    a mirror's hundred configs and tiny layers went first and its large layers started half-way
+    through the run, on a link the small ones left mostly idle.)
     """
-    free = max(0, concurrency - len(running))
-    order = sorted(pending, key=lambda j: (not j.small, -j.size, j.seq))
-    chosen = order[:free]
-    if not chosen and order and order[0].small and not any(r.small for r in running):
-        chosen = [order[0]]
-    return chosen
+    free_small = concurrency - sum(1 for j in running if j.small)
+    free_large = concurrency - sum(1 for j in running if not j.small)
+    small = sorted((j for j in pending if j.small), key=lambda j: j.seq)[:max(0, free_small)]
+    large = sorted((j for j in pending if not j.small), key=lambda j: (-j.size, j.seq))[:max(0, free_large)]
+    return small + large
 
 
 @dataclass(slots=True)

@@ -26,9 +26,18 @@ def spec(key: str, size: int, seq: int) -> JobSpec:
     return JobSpec(key, size, seq)
 
 
-def rank(j: JobSpec) -> tuple[bool, int, int]:
-    """The documented priority: small jobs first, then larger before smaller, then submission order."""
-    return (not j.small, -j.size, j.seq)
+def lanes(jobs: list[JobSpec]) -> tuple[list[JobSpec], list[JobSpec]]:
+    return [j for j in jobs if j.small], [j for j in jobs if not j.small]
+
+
+def rank_small(j: JobSpec) -> int:
+    """The documented priority of the small lane: submission order."""
+    return j.seq
+
+
+def rank_large(j: JobSpec) -> tuple[int, int]:
+    """... and of the large lane: larger before smaller, then submission order."""
+    return (-j.size, j.seq)
 
 
 # -- pick: the pure policy -----------------------------------------------------------------------
@@ -39,9 +48,11 @@ def test_pick_largest_first() -> None:
     assert [j.key for j in pick(pending, [], 5)] == ["b", "c", "a"]
 
 
-def test_pick_small_jobs_before_large() -> None:
-    pending = [spec("layer", 3 * GiB, 0), spec("config", 2_000, 1), spec("tiny", 500 * 1024, 2)]
-    assert [j.key for j in pick(pending, [], 2)] == ["tiny", "config"]
+def test_pick_small_and_large_jobs_have_lanes_of_their_own() -> None:
+    pending = [spec("layer", 3 * GiB, 0), spec("config", 2_000, 1), spec("tiny", 500 * 1024, 2),
+               spec("layer2", 2 * GiB, 3), spec("layer3", GiB, 4), spec("config2", 1_000, 5)]
+    # two slots in each lane: the small ones in submission order, the large ones largest first
+    assert [j.key for j in pick(pending, [], 2)] == ["config", "tiny", "layer", "layer2"]
 
 
 def test_pick_ties_keep_submission_order() -> None:
@@ -59,14 +70,15 @@ def test_pick_respects_concurrency() -> None:
     assert pick(pending, [*running, spec("r3", GiB, 12)], 2) == []
 
 
-def test_pick_one_small_starts_when_large_ones_hold_every_slot() -> None:
+def test_pick_small_jobs_start_while_large_ones_hold_every_slot() -> None:
     running = [spec("big1", GiB, 0), spec("big2", GiB, 1)]
-    pending = [spec("big3", GiB, 2), spec("cfg1", 1_000, 3), spec("cfg2", 2_000, 4)]
-    assert [j.key for j in pick(pending, running, 2)] == ["cfg2"]
-    # ... but only one: with a small one running, the rest wait for a free slot
-    assert pick([spec("cfg1", 1_000, 3)], [*running, spec("cfg2", 2_000, 4)], 2) == []
-    # and never a large one beyond the limit
-    assert pick([spec("big3", GiB, 2)], running, 2) == []
+    pending = [spec("big3", GiB, 2), spec("cfg1", 1_000, 3), spec("cfg2", 2_000, 4), spec("cfg3", 10, 5)]
+    assert [j.key for j in pick(pending, running, 2)] == ["cfg1", "cfg2"]
+    # the small lane has its own limit ...
+    assert pick(pending[3:], [*running, spec("cfg1", 1_000, 3), spec("cfg2", 2_000, 4)], 2) == []
+    # ... and small ones running never keep a large one from a free large slot
+    smalls = [spec("cfg1", 1_000, 3), spec("cfg2", 2_000, 4)]
+    assert [j.key for j in pick([spec("big3", GiB, 2)], [running[0], *smalls], 2)] == ["big3"]
 
 
 _counter = itertools.count()
@@ -84,14 +96,12 @@ job_specs = small_specs | large_specs
 
 @st.composite
 def queue_state(draw: st.DrawFn) -> tuple[list[JobSpec], list[JobSpec], int]:
-    """A reachable state: running within the limit, or over it by exactly one small job."""
+    """A reachable state: each lane running within the limit."""
     concurrency = draw(st.integers(1, 6))
-    pending = draw(st.lists(job_specs, max_size=10))
-    if draw(st.booleans()):
-        running = draw(st.lists(job_specs, max_size=concurrency))
-    else:
-        running = [*draw(st.lists(large_specs, min_size=concurrency, max_size=concurrency)), draw(small_specs)]
-    return pending, running, concurrency
+    pending = draw(st.lists(job_specs, max_size=12))
+    running = [*draw(st.lists(small_specs, max_size=concurrency)),
+               *draw(st.lists(large_specs, max_size=concurrency))]
+    return pending, draw(st.permutations(running)), concurrency
 
 
 @given(queue_state())
@@ -101,32 +111,27 @@ def test_pick_policy_property(state: tuple[list[JobSpec], list[JobSpec], int]) -
     keys = [j.key for j in chosen]
     assert len(set(keys)) == len(keys)
     assert all(j in pending for j in chosen)
-    free = max(0, concurrency - len(running))
-    small_running = any(j.small for j in running)
-    # never more than the limit, except one small job when large ones hold every slot
-    if len(chosen) > free:
-        assert free == 0 and len(chosen) == 1 and chosen[0].small and not small_running
-    # work-conserving: free slots are filled while jobs wait
-    assert len(chosen) >= min(free, len(pending))
-    # small jobs are never starved: one starts whenever none is in flight
-    if any(j.small for j in pending) and not small_running:
-        assert any(j.small for j in chosen)
-    # the chosen are the best of the queue, in order
-    assert keys == [j.key for j in sorted(pending, key=rank)[: len(chosen)]]
+    for lane_pending, lane_running, lane_chosen, rank in zip(
+            lanes(pending), lanes(running), lanes(chosen), (rank_small, rank_large), strict=True):
+        free = concurrency - len(lane_running)
+        # never more than the lane's limit, whatever the other lane does
+        assert len(lane_chosen) <= free
+        # work-conserving: a lane's free slots are filled while its jobs wait
+        assert len(lane_chosen) == min(free, len(lane_pending))
+        # the chosen are the best of the lane's queue, in order
+        assert lane_chosen == sorted(lane_pending, key=rank)[: len(lane_chosen)]
 
 
 @given(st.lists(job_specs, min_size=1, max_size=25), st.integers(1, 4), st.randoms(use_true_random=False))
 def test_pick_drains_every_queue(jobs: list[JobSpec], concurrency: int, rnd: random.Random) -> None:
-    """Simulate the scheduler: jobs finish in random order; all of them run, within the limit."""
+    """Simulate the scheduler: jobs finish in random order; all of them run, each lane within the limit."""
     pending, running, started = list(jobs), [], []
     for _ in range(2 * len(jobs) + 1):
         for j in pick(pending, running, concurrency):
             pending.remove(j)
             running.append(j)
             started.append(j)
-        # within the limit, or over it by one small job while large ones hold every slot
-        over = len(running) - concurrency
-        assert over <= 0 or (over == 1 and sum(1 for j in running if j.small) == 1)
+        assert all(len(lane) <= concurrency for lane in lanes(running))
         if not running:
             break
         running.remove(rnd.choice(running))
@@ -246,6 +251,23 @@ async def test_small_job_is_not_starved_behind_large_ones() -> None:
         gate.release.set()
         await asyncio.gather(*larges)
     assert gate.peak == 2
+
+
+async def test_lanes_run_side_by_side_each_within_its_limit() -> None:
+    """Small jobs queued first do not hold the large ones back, and neither lane exceeds the limit."""
+    small_gate, large_gate = Gate(), Gate()
+    async with Scheduler(2) as sched:
+        smalls = [sched.submit(f"cfg{i}", 1_000 + i, small_gate.job(f"cfg{i}")) for i in range(5)]
+        larges = [sched.submit(f"L{i}", GiB + i, large_gate.job(f"L{i}")) for i in range(3)]
+        await small_gate.wait_running(2)
+        await large_gate.wait_running(2)  # while both small slots are still taken
+        await settle()
+        assert (small_gate.running, large_gate.running) == (2, 2)
+        small_gate.release.set()
+        large_gate.release.set()
+        await asyncio.gather(*smalls, *larges)
+    assert (small_gate.peak, large_gate.peak) == (2, 2)
+    assert (small_gate.calls, large_gate.calls) == (5, 3)
 
 
 async def test_failing_job_does_not_cancel_others() -> None:

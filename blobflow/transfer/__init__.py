@@ -62,6 +62,7 @@ async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> Out
 
     landed, outcome = await ctx.scheduler.submit((dst.key, desc.digest), desc.size, place)
     if landed != dst.location:
+        # another repository of this registry has it: a mount, so a round trip (the small lane)
         ran = False
         landed, outcome = await ctx.scheduler.submit((dst.key, dst.location, desc.digest), 0, place)
     return outcome if ran else "shared"
