@@ -134,9 +134,16 @@ class Journal:
         fresh.ranges = ranges
         return fresh
 
-    def upload(self, registry: str, repository: str, digest: Digest, size: int) -> UploadRecord:
+    def upload(self, registry: str, repository: str, digest: Digest, size: int, *,
+               resumable: bool = True) -> UploadRecord:
+        """The record of ``digest``'s upload session to ``repository``. ``resumable=False`` (a blob
+        sent in one request, with nothing to continue) gives one that reads and writes nothing:
+        the record's filesystem calls cost more than such an upload's own work on a slow disk."""
         file = self.root / "uploads" / f"{_key(registry, repository, str(digest))}.json"
         fresh = UploadRecord(file, str(digest), size)
+        if not resumable:
+            fresh.owned = False
+            return fresh
         file.parent.mkdir(parents=True, exist_ok=True)
         lock = os.open(file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import blobflow
 from blobflow.deadline import UploadTicket
 from blobflow.journal import Journal, range_checksum
+from blobflow.localreg import LocalRegistry
 from blobflow.types import Digest
 
 D1 = Digest("sha256", "1" * 64)
@@ -25,6 +28,34 @@ def test_upload_record_round_trip_keeps_the_session_and_when_it_was_opened(tmp_p
     # another blob, another repository, or another size: nothing remembered
     assert not journal.upload("r.example", "a/c", D1, 1000).location
     assert not journal.upload("r.example", "a/b", D2, 1000).location
+
+
+def test_a_record_of_an_upload_with_nothing_to_resume_touches_no_file(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    earlier = journal.upload("r.example", "a/b", D1, 10)
+    earlier.location = "https://r.example/up/1"
+    earlier.save()
+    earlier.release()
+    rec = journal.upload("r.example", "a/b", D1, 10, resumable=False)
+    assert not rec.location  # what an earlier run left is not used ...
+    rec.location = "https://r.example/up/2"
+    rec.save()
+    rec.discard()
+    rec.release()
+    assert journal.upload("r.example", "a/b", D1, 10).location == "https://r.example/up/1"  # ... nor touched
+
+
+async def test_only_uploads_that_can_resume_keep_a_record(tmp_path: Path, registry: LocalRegistry) -> None:
+    """A blob that goes in one PUT writes nothing to the state dir; a streamed one keeps its lock file."""
+    state = tmp_path / "state"
+    client = blobflow.Client(blobflow.EngineConfig(plain_http=True, state_dir=str(state)))
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.write_bytes(os.urandom(1000))
+    large.write_bytes(os.urandom(5 * 1024 * 1024))
+    await client.blob_put(small, f"{registry.host}/journal/small")
+    assert not (state / "uploads").exists()
+    await client.blob_put(large, f"{registry.host}/journal/large")
+    assert [p.suffix for p in (state / "uploads").iterdir()] == [".lock"]
 
 
 def test_a_record_in_use_is_not_shared(tmp_path: Path) -> None:

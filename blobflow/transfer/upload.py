@@ -59,7 +59,10 @@ class Push:
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
         self._sent_total = 0
-        self.record = ctx.journal.upload(dst.client.registry, dst.repository, desc.digest, desc.size)
+        # a blob that goes in one PUT has nothing to resume (if a cap learned later makes it go in
+        # chunks after all, those are not resumable by a later run: a few MiB at most)
+        self.record = ctx.journal.upload(dst.client.registry, dst.repository, desc.digest, desc.size,
+                                         resumable=desc.size > ctx.config.monolithic_threshold)
         if self.record.warning:
             ctx.emit(Event("info", desc.digest.short, detail=self.record.warning))
         if self.record.location:  # a session from an earlier run: ask the registry where it stands
