@@ -12,6 +12,7 @@ import collections
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import urllib.error
@@ -504,3 +505,20 @@ async def test_copy_within_registry_mounts(registry: LocalRegistry, repo_name: s
     assert (result.mounted, result.bytes, result.skipped) == (len(blobs), 0, 0)
     assert manifest_digest_at(registry, f"{repo_name}/b", "v1") == str(desc.digest)
     assert all(blob_status(registry, f"{repo_name}/b", d) == 200 for d in blobs)
+
+
+async def test_blob_up_to_the_monolithic_threshold_goes_whole_in_one_put(
+        registry: LocalRegistry, proxy: MakeProxy, repo_name: str, tmp_path: Path) -> None:
+    """3 MiB: one POST and one PUT carrying every byte (and no warning from aiohttp, which the
+    test settings turn into an error, about a large raw-bytes body)."""
+    p = await proxy(registry)
+    data = os.urandom(3 * 1024 * 1024)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    client = blobflow.Client(blobflow.EngineConfig(plain_http=True, state_dir=str(tmp_path / "state")))
+    _, desc = await client.blob_put(blob, f"{p.host}/{repo_name}")
+    assert (p.counters["requests:POST"], p.counters["requests:PUT"], p.counters["requests:PATCH"]) == (1, 1, 0)
+    assert p.counters["bytes_to_upstream"] == len(data)
+    out = tmp_path / "back"
+    await client.blob_get(f"{registry.host}/{repo_name}@{desc.digest}", out)
+    assert out.read_bytes() == data

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import time
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,18 @@ class Upload:
     offset: int = 0
     min_chunk: int = 0
     started: float = 0.0
+
+
+def _bytes_payload(data: bytes) -> aiohttp.BytesPayload:
+    """``data`` for the socket in one write, and sent again as it is after a redirect or a 401.
+
+    aiohttp warns about raw bytes over 1 MiB ("might lock the event loop": it does not, the
+    transport keeps what the socket cannot take yet) and suggests BytesIO, which costs a copy of
+    the body (``getbuffer`` unshares it) and a write per 64 KiB.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(data)
 
 
 class BlobStream:
@@ -173,7 +185,7 @@ class RegistryClient:
             if auth:
                 hdrs["Authorization"] = auth
             self.requests += 1
-            body = io.BytesIO(data) if isinstance(data, bytes) and len(data) > 65536 else data
+            body = _bytes_payload(data) if isinstance(data, bytes) else data
             if own_host:
                 await self.gate.enter()
             with _mapped(what):
