@@ -20,10 +20,19 @@ from typing import Any
 from .codec import Codec
 from .config import EngineConfig
 from .errors import BadInputError, NotFoundError
-from .images import ImageOutcome, Platform, check_annotations, fetch_root, preflight_sizes, transfer_image
+from .images import (
+    ImageOutcome,
+    Platform,
+    check_annotations,
+    fetch_root,
+    holds_conversion,
+    preflight_sizes,
+    retrying,
+    transfer_image,
+)
 from .layout import Layout
 from .mirror import MirrorPlan, MirrorResult, load_plan, run_mirror
-from .progress import Listener, Stats
+from .progress import Event, Listener, Stats
 from .registry import Credentials, RegistryPool
 from .scheduler import Scheduler
 from .transfer import Context, FileEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
@@ -142,9 +151,13 @@ class Client:
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
         async with self._job() as ctx:
-            img = await transfer_image(ctx, self._registry_end(ctx, sref), sref,
-                                        self._registry_end(ctx, dref), dref.tag, platform=plat,
-                                        annotations=annotations, convert=codec)
+            src, dst = self._registry_end(ctx, sref), self._registry_end(ctx, dref)
+            img = None
+            if codec is not None and plat is None and not annotations:
+                img = await _converted_earlier(ctx, src, sref, dst, dref, codec)
+            if img is None:
+                img = await transfer_image(ctx, src, sref, dst, dref.tag, platform=plat,
+                                            annotations=annotations, convert=codec)
         return self._result("copy", ctx, started, [img])
 
     async def mirror(self, plan: MirrorPlan | str | Path, *, shard: tuple[int, int] = (0, 1),
@@ -196,6 +209,22 @@ class Client:
         ref = Reference.parse(image)
         async with self._job() as ctx:
             return await fetch_root(self._registry_end(ctx, ref), ref)
+
+
+async def _converted_earlier(ctx: Context, src: RegistryEnd, sref: Reference, dst: RegistryEnd, dref: Reference,
+                             codec: Codec) -> ImageOutcome | None:
+    """What a recompressing copy has left to do when an earlier one already did it: nothing. One
+    HEAD at each end, and a GET of the destination's root only when it is there."""
+    where = f"{dst}:{dref.tag}" if dref.tag else str(dst)
+    source = await retrying(ctx, str(src), lambda: src.manifest_digest(sref.reference))
+    current = await retrying(ctx, str(dst), lambda: dst.manifest_digest(dref.reference))
+    if source is None or current is None or current == source:
+        return None
+    if not await retrying(ctx, str(dst), lambda: holds_conversion(dst, dref.reference, source, codec)):
+        return None
+    ctx.emit(Event("info", target=where, detail=(
+        f"{where} already holds {sref} ({source.short}) converted to {codec}: nothing to copy")))
+    return ImageOutcome(str(sref), where, str(current), 0, 0)
 
 
 def _hash_file(path: Path) -> tuple[Digest, int]:

@@ -228,6 +228,13 @@ def converted_from(raw: RawManifest) -> tuple[str, str] | None:
     return str(notes[CONVERTED_FROM]), str(notes[CONVERTED_TO])
 
 
+async def holds_conversion(dst: RegistryEnd, reference: str, source: Digest, convert: Codec) -> bool:
+    """``dst``'s ``reference`` is ``source`` converted with ``convert`` by an earlier recompressing
+    copy or mirror (its root records both). A converted image never has its source's digest, so
+    without this every run would download and recompress every layer again."""
+    return converted_from(await dst.fetch_manifest(reference)) == (str(source), str(convert))
+
+
 def annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:
     doc = raw.doc
     doc["annotations"] = {**(doc.get("annotations") or {}), **annotations}

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 
 from .codec import Codec
 from .errors import BadInputError, BlobflowError
-from .images import ImageOutcome, converted_from, transfer_image
+from .images import ImageOutcome, holds_conversion, transfer_image
 from .transfer import Context, RegistryEnd
-from .types import Digest, Reference
+from .types import Reference
 
 __all__ = ["MirrorEntry", "MirrorItem", "MirrorPlan", "load_plan", "run_mirror", "select_tags", "shard_of"]
 
@@ -235,13 +235,6 @@ async def expand(ctx: Context, entry: MirrorEntry, end: Any) -> list[MirrorItem]
             for tag in select_tags(available, entry)]
 
 
-async def _converted_from(dst: RegistryEnd, item: MirrorItem, source: Digest, convert: Codec) -> bool:
-    """The destination holds this source image converted with this codec (a recompressing mirror's
-    earlier run): its root records both (``images.CONVERTED_FROM``/``CONVERTED_TO``)."""
-    raw = await dst.fetch_manifest(item.destination.reference)
-    return converted_from(raw) == (str(source), str(convert))
-
-
 async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool,
                       convert: Codec | None = None) -> ImageReport:
     report = ImageReport(str(item.source), str(item.destination), "failed")
@@ -256,7 +249,7 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
             # recompressed, the destination can never have the source's digest: its root says
             # what it was made from
             current = dest_digest == source_digest or (
-                convert is not None and await _converted_from(dst, item, source_digest, convert))
+                convert is not None and await holds_conversion(dst, item.destination.reference, source_digest, convert))
             if current:
                 report.status, report.destination_digest = "up to date", str(dest_digest)
                 return report

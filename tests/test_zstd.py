@@ -176,6 +176,33 @@ async def test_copy_recompress_zstd_of_an_index(registry: LocalRegistry, registr
             assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff
 
 
+async def test_copy_recompress_again_finds_the_conversion_and_moves_nothing(
+        registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, proxy: MakeProxy, repo_name: str,
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build_image(src, "v1", [96 * KiB, 48 * KiB], seed=12)
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
+    counted = await proxy(registry)
+    source, dest = f"{counted.host}/{repo_name}:v1", f"{registry2.host}/{repo_name}:v1"
+
+    first = await cli("copy", source, dest, "--recompress", "zstd:3")
+    assert first.returncode == 0, first.stderr
+    converted = fetch(registry2, f"{repo_name}/manifests/v1")[1]
+    gets = counted.counters["blob_get"]
+    assert gets >= 3  # the config and both layers, at least
+
+    again = await cli("copy", source, dest, "--recompress", "zstd:3")
+    assert again.returncode == 0, again.stderr
+    assert "converted to zstd:3: nothing to copy" in again.output
+    assert counted.counters["blob_get"] == gets  # not one blob read again
+    assert fetch(registry2, f"{repo_name}/manifests/v1")[1] == converted
+
+    other = await cli("copy", source, dest, "--recompress", "zstd:5")  # another level: another conversion
+    assert other.returncode == 0, other.stderr
+    assert counted.counters["blob_get"] > gets
+    assert fetch(registry2, f"{repo_name}/manifests/v1")[1] != converted
+
+
 async def test_corrupt_gzip_source_aborts_before_any_manifest(registry: LocalRegistry, registry2: LocalRegistry,
                                                               cli: Cli, repo_name: str, tmp_path: Path) -> None:
     """A source layer whose digest is right but whose gzip stream is broken (the registry accepted it)."""
