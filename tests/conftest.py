@@ -162,6 +162,10 @@ def cli() -> Cli:
             proc.kill()
             await proc.wait()
             raise AssertionError(f"blobflow {' '.join(args)} did not finish in {CLI_TIMEOUT} s") from None
+        except asyncio.CancelledError:  # a run beside it failed: leave no process behind for later tests
+            proc.kill()
+            await proc.wait()
+            raise
         assert proc.returncode is not None
         return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
