@@ -862,10 +862,29 @@ def report(res: Results, ops: Sequence[str], image: Image) -> str:
     if res.startup:
         parts += ["", "process start-up (included in every timing): "
                   + "; ".join(f"{k}: {statistics.median(v):.2f} s" for k, v in res.startup.items())]
+        parts += _without_startup(res, ops)
     if res.sha256_mb_s:
         parts.append(f"sha256 in this Python, one core: {res.sha256_mb_s:.0f} MB/s")
     parts += load_lines(res.machine, res.samples, lambda s: f"{s.op} {s.tool} #{s.repeat + 1}", res.notes)
     return "\n".join(parts)
+
+
+def _without_startup(res: Results, ops: Sequence[str]) -> list[str]:
+    """raw/blobflow once blobflow's start-up (``blobflow --version``, same run) is taken off its
+    time: how the transfer itself compares with curl. For information; the verdict above keeps it."""
+    startup = res.startup.get("blobflow --version")
+    shares = []
+    for op in ops:
+        bf, raw = res.of(op, "blobflow"), res.of(op, RAW)
+        if not startup or not bf or not raw:
+            continue
+        rest = statistics.median(s.seconds for s in bf) - statistics.median(startup)
+        if rest > 0:
+            shares.append(f"{op} {statistics.median(s.seconds for s in raw) / rest:.2f}")
+    if not shares:
+        return []
+    return [f"raw/blobflow with blobflow's start-up taken off its median (information, not the verdict): "
+            f"{', '.join(shares)}"]
 
 
 def load_lines(machine: dict[str, Any], samples: Sequence[Any], label: Callable[[Any], str],
