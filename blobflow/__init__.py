@@ -10,7 +10,8 @@
     asyncio.run(main())
 """
 
-from .api import Client, ImageResult, Platform, Result
+from typing import TYPE_CHECKING, Any
+
 from .config import EngineConfig, RegistryLimits, parse_size
 from .errors import (
     AuthError,
@@ -31,7 +32,25 @@ from .errors import (
 from .progress import Event, Stats
 from .types import Descriptor, Digest, Reference
 
-Engine = Client
+if TYPE_CHECKING:
+    from .api import Client, ImageResult, Platform, Result
+
+    Engine = Client
+
+_FROM_API = {"Client": "Client", "Engine": "Client", "ImageResult": "ImageResult", "Platform": "Platform",
+             "Result": "Result"}
+
+
+def __getattr__(name: str) -> Any:
+    """The client and its results, imported on first use: they bring in aiohttp, which costs
+    most of a process start, and ``blobflow --help`` or ``--version`` never needs it."""
+    if name in _FROM_API:
+        from . import api
+
+        value = getattr(api, _FROM_API[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AuthError",

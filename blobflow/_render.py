@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .api import Result
 from .progress import Event
+
+if TYPE_CHECKING:
+    from .api import Result
 
 __all__ = ["JsonRenderer", "LogRenderer", "Renderer", "format_bytes",
            "format_seconds", "summary_line"]

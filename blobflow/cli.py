@@ -13,17 +13,18 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from ._render import JsonRenderer, LogRenderer, Renderer
-from .api import Client
 from .codec import Codec, layer_compression
 from .config import EngineConfig, load_registry_limits, parse_size
 from .errors import BadInputError, BlobflowError
-from .mirror import load_plan, parse_shard
-from .registry import Credentials, RegistryPool, store_credentials
 from .types import Reference
+
+if TYPE_CHECKING:  # the engine (and aiohttp with it) is imported once a command runs, not for --help
+    from .api import Client
+    from .registry import Credentials
 
 __all__ = ["entry", "main"]
 
@@ -332,6 +333,8 @@ def _login_input(args: argparse.Namespace) -> Credentials:
         raise BadInputError("login reads the password from standard input: add --password-stdin")
     if not password:
         raise BadInputError("login needs a password or token, and none was given")
+    from .registry import Credentials
+
     return Credentials(user, password)
 
 
@@ -351,6 +354,8 @@ def _login_registry(text: str) -> Reference:
 
 async def _login(args: argparse.Namespace, config: EngineConfig) -> int:
     """Credentials are stored only after the registry (or its token service) accepted them."""
+    from .registry import RegistryPool, store_credentials
+
     ref = _login_registry(args.registry)
     creds = await asyncio.to_thread(_login_input, args)
     pool = RegistryPool(connections_per_host=config.connections_per_host, connect_timeout=config.connect_timeout,
@@ -411,6 +416,8 @@ async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
 
 
 async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) -> int:
+    from .mirror import load_plan, parse_shard
+
     plan = load_plan(args.plan)
     shard = parse_shard(args.shard)
     if plan.concurrency and args.concurrency is None:
@@ -503,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "can read and change what is sent, credentials included", file=sys.stderr)
     try:
         config = _config(args)
+        from .api import Client
+
         client = Client(config, listener=render)
         with render:
             return _event_loop_runner()(_stoppable(_run(args, client, render)))

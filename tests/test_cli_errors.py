@@ -350,6 +350,23 @@ async def test_help_shows_an_example(cli: Cli) -> None:
             assert "--json" in result.stdout or command == "blob", command
 
 
+async def test_help_and_version_do_not_load_the_engine() -> None:
+    """aiohttp's import is most of a process start: --help and --version answer without it (the
+    API still finds blobflow.Client, imported on first use)."""
+    for args in (["--version"], ["--help"], ["copy", "--help"], ["mirror", "--help"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-X", "importtime", "-m", "blobflow", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0 and out, args
+        imported = {line.rsplit("|", 1)[-1].strip() for line in err.decode().splitlines() if "|" in line}
+        assert "blobflow.cli" in imported and not {"aiohttp", "blobflow.api", "uvloop"} & imported, args
+    check = "import blobflow; print(blobflow.Client.__name__, blobflow.Engine is blobflow.Client)"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", check, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert out.decode().split() == ["Client", "True"]
+
+
 async def test_help_of_contract_commands(cli: Cli) -> None:
     results = await run_table(cli, {command: [command, "--help"] for command in ["mirror", "login", "bench"]})
 
