@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from blobflow.localreg import terminate
+
 HERE = Path(__file__).resolve().parent
 START_TIMEOUT = 20.0
 
@@ -76,12 +78,7 @@ class LatencyProxy:
         try:
             proc.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)
 
     def _alive(self) -> subprocess.Popen[str]:
         if self._proc is None or self._proc.poll() is not None:

@@ -147,7 +147,7 @@ class LocalRegistry:
             self._finalizer.detach()
             self._finalizer = None
         if proc is not None:
-            _terminate(proc)
+            terminate(proc)
 
     def __enter__(self) -> LocalRegistry:
         self.start()
@@ -190,7 +190,7 @@ class LocalRegistry:
                 env=env,
                 preexec_fn=_parent_death_signal(),
             )
-        self._finalizer = weakref.finalize(self, _terminate, self._proc)
+        self._finalizer = weakref.finalize(self, terminate, self._proc)
 
     def _config(self, port: int) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -267,7 +267,8 @@ def _free_port() -> int:
         return port
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if it lingers over 5 s; returns once the process is reaped."""
     if proc.poll() is None:
         proc.terminate()
         try:
