@@ -275,3 +275,25 @@ async def test_mirror_recompress_converts_every_image_of_the_plan(registry: Loca
     bad.write_text(plan.read_text().replace("zstd:5", "brotli"))
     refused = await cli("mirror", "--plain-http", str(bad))
     assert refused.returncode == 2 and "recompress" in refused.stderr
+
+
+async def test_a_plan_that_gains_recompress_converts_what_it_mirrored_as_it_was(
+        registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
+    """The destination holds the source's own digest: current for a plain mirror, not for a plan
+    that asks for zstd (``copy --recompress`` converts in the same case)."""
+    build_image(tmp_path / "img", "1.0", [64 * KiB], seed=30)
+    await blobflow.Client().push(tmp_path / "img", f"{registry.host}/lib/tool:1.0")
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[mirror]]\nsource = "{registry.host}/lib/tool"\ndestination = "{registry2.host}/mirror/tool"\n')
+    plain = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert plain.returncode == 0, plain.output
+    assert statuses(plain.stdout) == ["copied"]
+    assert fetch(registry2, "mirror/tool/manifests/1.0")[1] == fetch(registry, "lib/tool/manifests/1.0")[1]
+
+    plan.write_text('[defaults]\nrecompress = "zstd:3"\n\n' + plan.read_text())
+    gained = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert gained.returncode == 0, gained.output
+    assert statuses(gained.stdout) == ["copied"]
+    manifest = fetch_json(registry2, "mirror/tool/manifests/1.0")
+    assert [x["mediaType"] for x in manifest["layers"]] == [ZSTD]
+    assert manifest["annotations"]["dev.blobflow.converted.to"] == "zstd:3"
