@@ -59,6 +59,10 @@ class Faults:
     retry_after: str | None = "0"  # Retry-After sent with injected 429/503
     ignore_range: bool = False  # blob GET: strip Range so the registry answers 200 with everything
     latency: float = 0.0  # seconds of sleep before forwarding
+    # seconds more before the first request of each new client connection: the round trip of a TCP
+    # handshake with a remote registry (TLS would add one or two more, not modelled). A connection
+    # is known by its transport and peer address; ``counters["connections"]`` counts new ones.
+    connect_latency: float = 0.0
     bandwidth: float | None = None  # bytes/second shared by all bodies, both directions
     # seconds an upload session lives after its POST (a registry's upload window): later requests
     # on it get 404 BLOB_UPLOAD_UNKNOWN, and a body still streaming when it runs out is cut
@@ -151,6 +155,7 @@ class FaultProxy:
         self.arrivals: list[tuple[float, int]] = []  # (monotonic time a request arrived, status answered)
         self.sessions: dict[str, UploadSession] = {}  # by UUID; only while upload_window is set
         self._states: dict[str, str] = {}  # upload UUID -> its latest "_state=..." (keep_received)
+        self._connections: set[tuple[int, object]] = set()  # (id(transport), peer address) seen
         self._rng = random.Random(self.faults.seed)
         self._bucket = _TokenBucket()
         self._runner: web.AppRunner | None = None
@@ -204,6 +209,19 @@ class FaultProxy:
     ) -> None:
         await self.stop()
 
+    def _first_on_connection(self, request: web.Request) -> bool:
+        """Whether ``request`` is the first seen on its client connection (counted in ``connections``).
+
+        Keyed by the transport's id and the peer's address together: a closed connection's id or
+        port may come back, both at once hardly. Keys are small and kept for the proxy's life."""
+        transport = request.transport
+        key = (id(transport), transport.get_extra_info("peername") if transport is not None else None)
+        if key in self._connections:
+            return False
+        self._connections.add(key)
+        self.counters["connections"] += 1
+        return True
+
     def _roll(self, probability: float) -> bool:
         return probability > 0.0 and self._rng.random() < probability
 
@@ -232,7 +250,10 @@ class FaultProxy:
         upload_start = method == hdrs.METH_POST and UPLOAD_START.match(request.path) is not None
         self.counters["uploads_started"] += upload_start
         faulty = self.faults.match is None or self.faults.match(request)
+        new_connection = self._first_on_connection(request)
         status = 0
+        if faulty and new_connection and self.faults.connect_latency > 0:
+            await asyncio.sleep(self.faults.connect_latency)
         try:
             if faulty and upload_start and self.faults.upload_window is not None:
                 response, status = await self._open_session(request, blob_get=blob_get)

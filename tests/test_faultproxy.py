@@ -238,6 +238,26 @@ async def test_latency(registry: LocalRegistry, proxy: MakeProxy, session: aioht
     assert time.monotonic() - started >= 0.3
 
 
+async def test_connect_latency_charges_the_first_request_of_each_connection(
+        registry: LocalRegistry, proxy: MakeProxy) -> None:
+    fault_proxy = await proxy(registry, Faults(latency=0.1, connect_latency=0.3))
+
+    async def timed(client: aiohttp.ClientSession) -> float:
+        started = time.monotonic()
+        async with client.get(f"{fault_proxy.url}/v2/") as response:
+            assert response.status == 200
+            await response.read()
+        return time.monotonic() - started
+
+    async with aiohttp.ClientSession() as client:  # one kept-alive connection
+        first, second = await timed(client), await timed(client)
+    async with aiohttp.ClientSession() as other:  # a new connection pays again
+        third = await timed(other)
+    assert first >= 0.4 and third >= 0.4, (first, third)
+    assert 0.1 <= second < 0.3, second
+    assert fault_proxy.counters["connections"] == 2
+
+
 async def test_bandwidth(
     registry: LocalRegistry, proxy: MakeProxy, session: aiohttp.ClientSession, repo_name: str
 ) -> None:
