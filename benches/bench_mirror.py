@@ -4,7 +4,7 @@
 Run from the repository's venv (``make bench-mirror``)::
 
     .venv/bin/python benches/bench_mirror.py [--quick] [--repeat N] [--json FILE] [--skopeo-modes yaml,per-repo]
-                                             [--source-latency MS[,MS...]]
+                                             [--source-latency MS[+connect][,...]]
 
 What is measured, and how it is kept fair (the conventions of ``bench_engine.py``, whose helpers this
 bench imports):
@@ -22,7 +22,7 @@ bench imports):
   ``yaml``: one process, a YAML source file naming every repository and tag; ``per-repo``: one
   ``skopeo sync --src docker SRC/bench/NAME DST/mirror`` per repository, in sequence (one timed shell).
   The table reports both and takes the faster as "skopeo" for the ratio.
-* Network conditions (``--source-latency``, default ``0,40``; one table each). The users this is for
+* Network conditions (``--source-latency``, default ``0,40,40+connect``; one table each). The users this is for
   mirror FROM a remote registry (Docker Hub, GHCR: 20-100 ms round trip) into a registry near them. On
   loopback a request costs well under a millisecond, so a tool that sends its requests one after
   another, image after image, as ``skopeo sync`` does, loses little; over a real round trip that
@@ -34,15 +34,19 @@ bench imports):
   through that one proxy (one process per condition, kept for the whole bench); the destination stays
   direct (a registry near the mirror). The proxy sleeps MS ms before it forwards each request, HEAD,
   manifest GET and blob GET alike (checked at start: each must take at least MS ms), and concurrent
-  requests sleep concurrently, as round trips do. Bodies stream through in 64 KiB chunks (memory stays
-  bounded, no blob is buffered whole), but every body byte passes through Python in the proxy: about 3
-  CPU seconds per GB and a few ms per request on the 2-CPU machine this was written on (one curl
-  stream: 140 MB/s through it, 300 direct), recorded per run ("proxy cpu s"); both tools pay it, and
-  on few cores it competes with them. Not modelled: connection set-up (a real remote adds a round trip
-  per new TCP connection and one or two for TLS, which costs the tool that opens more connections
-  more), token fetches, redirects of blob GETs to a CDN, and limited bandwidth (which would slow the
-  large images for both tools). Each proxied run checks that the proxy forwarded exactly the requests
-  the source registry logged.
+  requests sleep concurrently, as round trips do. Condition ``MS+connect`` adds what a new connection
+  to a remote registry costs: the first request of each new client connection waits MS ms more, the
+  round trip of a TCP handshake (checked at start: a request on a new connection takes at least 2 x MS
+  ms). A tool that keeps its connections pays it a few times; one that opens a connection per
+  request or two pays it on each. The proxy counts the connections each run opened ("src conns").
+  Bodies stream through in 64 KiB chunks (memory stays bounded, no blob is buffered whole), but every
+  body byte passes through Python in the proxy: about 3 CPU seconds per GB and a few ms per request on
+  the 2-CPU machine this was written on (one curl stream: 140 MB/s through it, 300 direct), recorded
+  per run ("proxy cpu s"); both tools pay it, and on few cores it competes with them. Not modelled:
+  TLS (one or two more round trips per new connection, and its CPU), connection set-up in the plain
+  ``MS`` condition, token fetches, redirects of blob GETs to a CDN, and limited bandwidth (which would
+  slow the large images for both tools). Each proxied run checks that the proxy forwarded exactly the
+  requests the source registry logged.
 * Every timed "cold" run gets a fresh, empty destination registry. The "nothing changed" run follows
   on the same destination with the same plan. skopeo gets a fresh blob-info cache for every timed run
   (moved to a per-run directory through the environment, and checked afterwards), shared by all the
@@ -119,7 +123,7 @@ DST_NS = "mirror"
 TOOLS = ("blobflow", "skopeo-yaml", "skopeo-per-repo")
 SKOPEO_MODES = ("yaml", "per-repo")
 PHASES = ("cold", "nothing changed")
-DEFAULT_SOURCE_LATENCY_MS = (0.0, 40.0)
+DEFAULT_CONDITIONS = "0,40,40+connect"  # --source-latency
 LOG_LAG_S = 2.0  # how long a run's last access log lines may take to land
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an environment proxy
 ACCESS_RE = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
@@ -177,26 +181,33 @@ class Condition:
     source_latency_ms: float
     source_host: str  # what the tools are given as the source: the registry's host, or the proxy's
     proxy: LatencyProxy | None = None
+    connect: bool = False  # a new connection's first request waits one more round trip
     probe_s: dict[str, float] = field(default_factory=dict)  # seconds of single requests through the proxy
 
     @property
     def name(self) -> str:
-        return "direct" if self.proxy is None else f"source +{self.source_latency_ms:g} ms"
+        if self.proxy is None:
+            return "direct"
+        return f"source +{self.source_latency_ms:g} ms" + (" +connect" if self.connect else "")
 
     @property
     def title(self) -> str:
         if self.proxy is None:
             return "direct: source and destination registries on loopback, no proxy"
-        return (f"remote source: {self.source_latency_ms:g} ms added before each source request (delaying proxy "
-                f"{self.source_host} in front of the source, both tools through it); destination direct")
+        per_connection = (f", and {self.source_latency_ms:g} ms more before the first request of each new "
+                          "connection (a TCP handshake)" if self.connect else "")
+        return (f"remote source: {self.source_latency_ms:g} ms added before each source request{per_connection} "
+                f"(delaying proxy {self.source_host} in front of the source, both tools through it); "
+                "destination direct")
 
     def describe(self) -> dict[str, Any]:
         """The condition as recorded in --json."""
+        seconds = f"{self.source_latency_ms / 1000:g}"
+        faults = f"latency={seconds}" + (f", connect_latency={seconds}" if self.connect else "")
         return {"name": self.name, "title": self.title, "source_latency_ms": self.source_latency_ms,
-                "source_host": self.source_host, "probe_s": self.probe_s,
+                "connect": self.connect, "source_host": self.source_host, "probe_s": self.probe_s,
                 "proxy": None if self.proxy is None else
-                f"tests/faultproxy.py FaultProxy, Faults(latency={self.source_latency_ms / 1000:g}) "
-                "in its own process (benches/latency_proxy.py)"}
+                f"tests/faultproxy.py FaultProxy, Faults({faults}) in its own process (benches/latency_proxy.py)"}
 
 
 @dataclass
@@ -474,8 +485,8 @@ class MirrorBench(Bench):
 
 def proxy_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What the proxy did between two ``LatencyProxy.stats()``: requests, bytes each way, errors, CPU."""
-    keys = ("requests", "requests:GET", "requests:HEAD", "blob_get", "bytes_to_client", "upstream_error",
-            "stream_error")
+    keys = ("requests", "requests:GET", "requests:HEAD", "blob_get", "connections", "bytes_to_client",
+            "upstream_error", "stream_error")
     out: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
     out["cpu_s"] = round(after["cpu_s"] - before["cpu_s"], 3)
     return out
@@ -528,7 +539,7 @@ def report(res: Results, tools: Sequence[str], source: Source, conditions: Seque
         if not table_text:
             continue
         parts += ["", f"== {cond.title}", table_text, *ratios]
-        summary += [f"  {cond.name:18} {r}" for r in ratios]
+        summary += [f"  {cond.name:24} {r}" for r in ratios]
     if len(conditions) > 1 and summary:
         parts += ["", "skopeo/blobflow by condition:", *summary]
     parts += load_lines(res.machine, res.samples, lambda s: f"{s.tool} {s.phase} {s.condition} #{s.repeat + 1}",
@@ -556,6 +567,7 @@ def condition_table(res: Results, tools: Sequence[str], cond: Condition) -> tupl
                    med_req(ss, "dst"), med_req(ss, "dst_uploads"), med_req(ss, "dst_mounts"),
                    med_req(ss, "dst_manifest_puts")]
             if cond.proxy is not None:
+                row.append(f"{statistics.median(s.proxy['connections'] if s.proxy else 0 for s in ss):.0f}")
                 row.append(f"{statistics.median(s.proxy['cpu_s'] if s.proxy else 0.0 for s in ss):.2f}")
             rows.append(row)
         skopeos = {t: med(ss) for t in tools if t != "blobflow" and (ss := res.of(t, phase, cond.name))}
@@ -568,7 +580,7 @@ def condition_table(res: Results, tools: Sequence[str], cond: Condition) -> tupl
     columns = ["run", "tool", "seconds median (min-max)", "ratio tool/blobflow", "cpu s", "peak RSS MiB",
                "src reqs", "src blob GETs", "src blob MB", "dst reqs", "dst uploads", "dst mounts", "manifest PUTs"]
     if cond.proxy is not None:
-        columns.append("proxy cpu s")
+        columns += ["src conns", "proxy cpu s"]
     return table(columns, rows), ratios
 
 
@@ -586,23 +598,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of yaml,per-repo (default: both)")
     p.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
                    help="before each timed run, wait up to SECONDS for a quiet second (default 30; 0: don't)")
-    p.add_argument("--source-latency", action="append", metavar="MS[,MS...]",
+    p.add_argument("--source-latency", action="append", metavar="MS[+connect][,...]",
                    help="network conditions, one table each: milliseconds a proxy in front of the source adds "
-                        "before each request, 0 = direct, no proxy (repeatable or comma list; default: "
-                        f"{','.join(f'{ms:g}' for ms in DEFAULT_SOURCE_LATENCY_MS)})")
+                        "before each request, 0 = direct, no proxy; MS+connect: as much again before the first "
+                        "request of each new connection (repeatable or comma list; default: "
+                        f"{DEFAULT_CONDITIONS})")
     args = p.parse_args(argv)
-    latencies: list[float] = []
-    for text in args.source_latency or [",".join(map(str, DEFAULT_SOURCE_LATENCY_MS))]:
+    conditions: list[tuple[float, bool]] = []
+    for text in args.source_latency or [DEFAULT_CONDITIONS]:
         for item in (t.strip() for t in text.split(",")):
+            number, plus, word = item.partition("+")
             try:
-                ms = float(item)
+                ms = float(number)
             except ValueError:
-                p.error(f"--source-latency takes milliseconds (e.g. 0,40); got {item!r}")
-            if not 0 <= ms <= 10_000:
-                p.error(f"--source-latency: {item} ms is outside 0-10000")
-            if ms not in latencies:
-                latencies.append(ms)
-    args.source_latency = latencies
+                ms = -1.0
+            if ms < 0 or (plus and word != "connect") or (plus and ms == 0):
+                p.error(f"--source-latency takes milliseconds, each maybe with +connect (e.g. 0,40,40+connect); "
+                        f"got {item!r}")
+            if ms > 10_000:
+                p.error(f"--source-latency: {number} ms is outside 0-10000")
+            if (ms, bool(plus)) not in conditions:
+                conditions.append((ms, bool(plus)))
+    args.source_latency = conditions
     modes = [m.strip() for m in args.skopeo_modes.split(",") if m.strip()]
     if not modes or any(m not in SKOPEO_MODES for m in modes):
         p.error(f"--skopeo-modes takes a comma-separated subset of {','.join(SKOPEO_MODES)}")
@@ -639,7 +656,7 @@ def run(args: argparse.Namespace, res: Results) -> None:
             f"{source.unique_bytes / MiB:.0f} MiB distinct; page cache warmed ({warmed / MiB:.0f} MiB read)")
         log(f"blobflow runs as: {shlex.join(bench.blobflow)}")
 
-        conditions = [start_condition(bench, src, source, ms) for ms in args.source_latency]
+        conditions = [start_condition(bench, src, source, ms, connect=connect) for ms, connect in args.source_latency]
         res.conditions = [c.describe() for c in conditions]
 
         tools = args.tools
@@ -671,23 +688,25 @@ def log_sample(s: Sample) -> None:
         f"  peak RSS {s.peak_rss_kib / 1024:4.0f} MiB  src {q['src']} reqs"
         f" ({q['src_blob_gets']} blob GETs, {q['src_blob_bytes'] / MB:.1f} MB)"
         f"  dst {q['dst']} reqs ({q['dst_uploads']} uploads, {q['dst_mounts']} mounts)"
-        + (f"  proxy cpu {s.proxy['cpu_s']:5.2f} s" if s.proxy else "")
+        + (f"  src conns {s.proxy['connections']}  proxy cpu {s.proxy['cpu_s']:5.2f} s" if s.proxy else "")
         + f"  other cpu {s.other_cpu_s:5.2f} s"
         + (f"  (waited {s.settle_wait_s:.0f} s for quiet)" if s.settle_wait_s > 1.5 else ""))
 
 
-def start_condition(bench: MirrorBench, src: LoggingRegistry, source: Source, latency_ms: float) -> Condition:
+def start_condition(bench: MirrorBench, src: LoggingRegistry, source: Source, latency_ms: float, *,
+                    connect: bool = False) -> Condition:
     """Direct for 0; else a delaying proxy in its own process before ``src``, checked, stopped on exit."""
     if latency_ms == 0:
         return Condition(0.0, src.host)
-    proxy = LatencyProxy(src.url, latency_ms, log_path=bench.work / "logs" / f"proxy-{latency_ms:g}ms.log",
-                         env=child_env())
+    log_name = f"proxy-{latency_ms:g}ms{'-connect' if connect else ''}.log"
+    proxy = LatencyProxy(src.url, latency_ms, log_path=bench.work / "logs" / log_name, env=child_env(),
+                         connect=connect)
     bench.stack.callback(proxy.stop)
     try:
         proxy.start()
     except RuntimeError as e:
         raise BenchError(str(e)) from None
-    cond = Condition(latency_ms, proxy.host, proxy)
+    cond = Condition(latency_ms, proxy.host, proxy, connect)
     cond.probe_s = probe_latency(cond, source)
     log(f"{cond.name}: proxy {proxy.host} (pid {proxy.pid}) in front of {src.host}; single requests through it: "
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in cond.probe_s.items()))
@@ -695,7 +714,8 @@ def start_condition(bench: MirrorBench, src: LoggingRegistry, source: Source, la
 
 
 def probe_latency(cond: Condition, source: Source) -> dict[str, float]:
-    """HEAD and GET of a manifest and GET of a blob through the proxy: each takes at least the latency."""
+    """HEAD and GET of a manifest and GET of a blob through the proxy: each takes at least the latency, and
+    twice that with +connect (urllib opens a new connection for each request)."""
     image = source.images[0]
     blob = next(iter(image["blobs"]))
     base = f"http://{cond.source_host}/v2/{image['repo']}"
@@ -715,9 +735,10 @@ def probe_latency(cond: Condition, source: Source) -> dict[str, float]:
             got = "sha256:" + hashlib.sha256(body).hexdigest()
         if got != digest:
             raise BenchError(f"{cond.name}: {method} {url} through the proxy gave {got}, expected {digest}")
-        if out[name] < cond.source_latency_ms / 1000:
+        least_ms = cond.source_latency_ms * (2 if cond.connect else 1)
+        if out[name] < least_ms / 1000:
             raise BenchError(f"{cond.name}: {method} {url} took {out[name] * 1000:.1f} ms through the proxy, "
-                             f"less than its {cond.source_latency_ms:g} ms latency")
+                             f"less than the {least_ms:g} ms it must add")
     return out
 
 

@@ -2,10 +2,12 @@
 
 The proxy is the test suite's :class:`faultproxy.FaultProxy` with only ``Faults(latency=...)`` set:
 every request (HEAD, manifest and blob GETs alike) waits that long before it is forwarded, bodies
-stream through in 64 KiB chunks (memory stays bounded whatever the blob size). It runs in a child
+stream through in 64 KiB chunks (memory stays bounded whatever the blob size). With ``connect``,
+also ``Faults(connect_latency=...)`` of the same value: the first request of each new connection
+waits one round trip more, as a TCP handshake with a remote registry costs. It runs in a child
 process so its event loop does not share the bench's GIL.
 
-Child side (``python benches/latency_proxy.py UPSTREAM_URL LATENCY_MS``): prints one JSON line
+Child side (``python benches/latency_proxy.py UPSTREAM_URL LATENCY_MS [connect]``): prints one JSON line
 ``{"addresses": [[host, port], ...]}`` once listening on 127.0.0.1, then answers each line read on
 stdin with one JSON line of its counters and CPU seconds; it exits when stdin closes (so it also
 ends when the bench dies). Parent side: :class:`LatencyProxy`.
@@ -31,9 +33,11 @@ START_TIMEOUT = 20.0
 class LatencyProxy:
     """Start, query and stop the proxy child. Raises RuntimeError when it cannot start."""
 
-    def __init__(self, upstream: str, latency_ms: float, *, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, upstream: str, latency_ms: float, *, log_path: Path, env: dict[str, str],
+                 connect: bool = False) -> None:
         self.upstream = upstream
         self.latency_ms = latency_ms
+        self.connect = connect
         self.log_path = log_path
         self.env = env
         self.host = ""
@@ -46,7 +50,8 @@ class LatencyProxy:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), self.upstream, f"{self.latency_ms:g}"],
+                [sys.executable, str(Path(__file__).resolve()), self.upstream, f"{self.latency_ms:g}",
+                 *(["connect"] if self.connect else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env, text=True, bufsize=1)
         line = self._read_line(START_TIMEOUT)
         addresses = json.loads(line)["addresses"]
@@ -56,7 +61,8 @@ class LatencyProxy:
         self.host = f"127.0.0.1:{addresses[0][1]}"
 
     def stats(self) -> dict[str, Any]:
-        """The proxy's counters so far (``requests``, ``bytes_to_client``, ``upstream_error``, ...) and ``cpu_s``."""
+        """The proxy's counters so far (``requests``, ``connections``, ``bytes_to_client``, ``upstream_error``,
+        ...) and ``cpu_s``."""
         proc = self._alive()
         assert proc.stdin is not None
         proc.stdin.write("stats\n")
@@ -113,13 +119,14 @@ def _readable(stream: IO[str], timeout: float) -> bool:
 # the child
 
 
-def serve(upstream: str, latency_ms: float) -> None:
+def serve(upstream: str, latency_ms: float, *, connect: bool) -> None:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from faultproxy import FaultProxy, Faults  # only the child needs aiohttp
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with FaultProxy(upstream, Faults(latency=latency_ms / 1000)) as proxy:
+        faults = Faults(latency=latency_ms / 1000, connect_latency=latency_ms / 1000 if connect else 0.0)
+        async with FaultProxy(upstream, faults) as proxy:
             # the sockets actually bound (FaultProxy.host only formats "127.0.0.1:PORT")
             assert proxy._runner is not None
             addresses = [list(a[:2]) for a in proxy._runner.addresses]
@@ -132,6 +139,6 @@ def serve(upstream: str, latency_ms: float) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} UPSTREAM_URL LATENCY_MS")
-    serve(sys.argv[1], float(sys.argv[2]))
+    if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["connect"]):
+        sys.exit(f"usage: {sys.argv[0]} UPSTREAM_URL LATENCY_MS [connect]")
+    serve(sys.argv[1], float(sys.argv[2]), connect=sys.argv[3:] == ["connect"])
