@@ -254,7 +254,7 @@ async def test_connect_latency_charges_the_first_request_of_each_connection(
     async with aiohttp.ClientSession() as other:  # a new connection pays again
         third = await timed(other)
     assert first >= 0.4 and third >= 0.4, (first, third)
-    assert 0.1 <= second < 0.3, second
+    assert 0.1 <= second < 0.4, second  # charged, it would take 0.4 s at least
     assert fault_proxy.counters["connections"] == 2
 
 
