@@ -187,11 +187,13 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         errors = [f.exception() for f in pending if not f.cancelled() and f.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
-        for d, f in zip(blobs.values(), futures, strict=True):
-            outcomes[f.result()] += 1
-            moved_bytes += d.size if f.result() == "moved" else 0
+        done = [(d, f.result()) for d, f in zip(blobs.values(), futures, strict=True)]
+        done += [(conversion[dg][0], f.result()[1]) for dg, f in converting.items()]
+        for d, outcome in done:  # a converted layer counts with its source size, as its progress did
+            outcomes[outcome] += 1
+            moved_bytes += d.size if outcome == "moved" else 0
     if convert is not None and not dry_run:
-        converted = {dg: f.result() for dg, f in converting.items()}
+        converted = {dg: f.result()[0] for dg, f in converting.items()}
         kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)
         before = root.digest
         root, manifests = rewrite_manifests(root, manifests, converted, convert)
@@ -209,7 +211,7 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     if isinstance(dst, LayoutEnd):
         dst.set_tag(tag, root)
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
-    return ImageOutcome(str(src_ref or src), where, str(root.digest), written + 1, len(blobs),
+    return ImageOutcome(str(src_ref or src), where, str(root.digest), written + 1, len(blobs) + len(conversion),
                         moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
                         shared=outcomes["shared"], bytes=moved_bytes, converted=len(conversion))
 

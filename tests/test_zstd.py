@@ -246,8 +246,16 @@ async def test_mirror_recompress_converts_every_image_of_the_plan(registry: Loca
     plan = tmp_path / "plan.toml"
     plan.write_text(f'[defaults]\nrecompress = "zstd:3"\n\n[[mirror]]\nsource = "{registry.host}/lib/app"\n'
                     f'destination = "{registry2.host}/mirror/app"\ntags = ["1.0", "1.1"]\n')
-    result = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    report = tmp_path / "report.json"
+    result = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"),
+                       "--report", str(report))
     assert result.returncode == 0, result.output
+    # converted layers count as moved, with their source sizes; the shared base layer once in the job
+    sources = [fetch_json(registry, f"lib/app/manifests/1.{t}") for t in range(2)]
+    distinct = {d["digest"]: d["size"] for m in sources for d in [m["config"], *m["layers"]]}
+    images = json.loads(report.read_text())["images"]
+    assert sorted(i["blobs"] for i in images) == [2, 3]  # blobs moved: the base layer with one image
+    assert sum(i["bytes"] for i in images) == sum(distinct.values())
     for t in range(2):
         manifest = fetch_json(registry2, f"mirror/app/manifests/1.{t}")
         assert [x["mediaType"] for x in manifest["layers"]] == [ZSTD, ZSTD]

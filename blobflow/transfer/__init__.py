@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Literal
 
 from ..errors import BadInputError
 from ..progress import Event
 from ..retry import with_retries
 from ..types import Descriptor
-from .base import Context
+from .base import Context, Outcome
 from .copy import registry_opener
 from .download import Download
 from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, StreamEnd
@@ -42,8 +41,6 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
         return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.file_read_size), local=True)
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
-
-Outcome = Literal["moved", "skipped", "mounted", "shared"]
 
 
 async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> Outcome:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from ..config import EngineConfig, RegistryLimits
 from ..deadline import DeadlineTracker
@@ -12,7 +13,11 @@ from ..registry import RegistryPool
 from ..scheduler import Scheduler
 from ..types import Digest
 
-__all__ = ["Context"]
+__all__ = ["Context", "Outcome"]
+
+# how a blob came to be at its destination: sent, already there, mounted from another repository
+# of the registry, or moved by another image of the job
+Outcome = Literal["moved", "skipped", "mounted", "shared"]
 
 
 @dataclass

@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 from ..codec import DOCKER_TO_OCI, Codec, CorruptStreamError, Recoder, compression_of
 from ..errors import BlobflowError, DigestMismatchError, ManifestError, TransferError
 from ..progress import Event
 from ..retry import with_retries
 from ..types import Descriptor, Digest
-from .base import Context
+from .base import Context, Outcome
 from .copy import registry_opener
 from .ends import ImageEnd, LayoutEnd, RawManifest, RegistryEnd
 from .upload import Opener, file_opener
@@ -84,13 +84,22 @@ async def plan_conversion(src: ImageEnd, manifests: Sequence[RawManifest], codec
 
 
 async def convert_layer(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descriptor, diff_id: Digest,
-                        codec: Codec) -> Descriptor:
-    """Convert ``desc`` to ``codec`` at ``dst``; the new descriptor (media type of an OCI manifest).
+                        codec: Codec) -> tuple[Descriptor, Outcome]:
+    """Convert ``desc`` to ``codec`` at ``dst``: the new descriptor (media type of an OCI manifest),
+    and "moved", or "shared" when another image of the job converted it.
 
     Once per destination, codec and source digest in a job; under the scheduler's concurrency.
     """
+    ran = False
+
+    def convert() -> Awaitable[Descriptor]:
+        nonlocal ran
+        ran = True
+        return _convert(ctx, src, dst, desc, diff_id, codec)
+
     key = (dst.key, dst.location, "convert", str(codec), desc.digest)
-    return await ctx.scheduler.submit(key, desc.size, lambda: _convert(ctx, src, dst, desc, diff_id, codec))
+    new = await ctx.scheduler.submit(key, desc.size, convert)
+    return new, "moved" if ran else "shared"
 
 
 async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descriptor, diff_id: Digest,
