@@ -152,6 +152,9 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     root = await retrying(ctx, str(src), lambda: fetch_root(src, src_ref))
     source_digest = root.digest
     root, manifests = await retrying(ctx, str(src), lambda: collect(src, root, platform, platforms=wanted))
+    # written before the root (an index's children); a lone image is its own manifest, written once
+    # as the root, whatever annotations or conversion make of it
+    below = [m for m in manifests if m is not root]
     if annotations:
         root = annotate(root, annotations)
     blobs: dict[Digest, Descriptor] = {}
@@ -174,7 +177,7 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         for d in blobs.values():
             if not await retrying(ctx, str(dst), functools.partial(dst.has_blob, d)):
                 missing.append(d)
-        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(manifests), len(blobs),
+        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs),
                             moved=len(missing), bytes=sum(d.size for d in missing))
     futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d)) for d in blobs.values()]
     converting = {dg: ctx.scheduler.spawn(convert_layer(ctx, src, dst, d, diff, convert))  # type: ignore[arg-type]
@@ -196,22 +199,19 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         converted = {dg: f.result()[0] for dg, f in converting.items()}
         kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)
         before = root.digest
-        root, manifests = rewrite_manifests(root, manifests, converted, convert)
+        root, below = rewrite_manifests(root, below, converted, convert)
         if root.digest != before:  # say what it was made from: a re-run can tell it is up to date
             root = annotate(root, {CONVERTED_FROM: str(source_digest), CONVERTED_TO: str(convert)})
         ctx.emit(Event("info", target=str(dst), n=len(converted), detail=(
             f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
             f"{len(kept)} copied as they are")))
-    written = 0
-    for m in manifests:
-        if m is not root:
-            await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
-            written += 1
+    for m in below:
+        await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
     await retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
     if isinstance(dst, LayoutEnd):
         dst.set_tag(tag, root)
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
-    return ImageOutcome(str(src_ref or src), where, str(root.digest), written + 1, len(blobs) + len(conversion),
+    return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs) + len(conversion),
                         moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
                         shared=outcomes["shared"], bytes=moved_bytes, converted=len(conversion))
 

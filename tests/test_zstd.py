@@ -203,6 +203,24 @@ async def test_copy_recompress_again_finds_the_conversion_and_moves_nothing(
     assert fetch(registry2, f"{repo_name}/manifests/v1")[1] != converted
 
 
+async def test_a_rewritten_root_is_written_once_with_no_orphan_of_the_source_manifest(
+        registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, proxy: MakeProxy, repo_name: str,
+        tmp_path: Path) -> None:
+    """Converted layers or added annotations make a new root: the destination gets that one
+    manifest, by tag, not also the source's (or a half-rewritten one) by digest."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [64 * KiB], seed=31)
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
+    counted = await proxy(registry2)
+    for tag, extra in (("zstd", ["--recompress", "zstd:3"]), ("noted", ["--annotation", "org.example.note=hi"]),
+                       ("both", ["--recompress", "zstd:3", "--annotation", "org.example.note=hi"])):
+        before = len(counted.log)
+        done = await cli("copy", f"{registry.host}/{repo_name}:v1", f"{counted.host}/{repo_name}:{tag}", *extra)
+        assert done.returncode == 0, done.stderr
+        puts = [path for method, path, _ in counted.log[before:] if method == "PUT" and "/manifests/" in path]
+        assert puts == [f"/v2/{repo_name}/manifests/{tag}"], (tag, puts)
+
+
 async def test_corrupt_gzip_source_aborts_before_any_manifest(registry: LocalRegistry, registry2: LocalRegistry,
                                                               cli: Cli, repo_name: str, tmp_path: Path) -> None:
     """A source layer whose digest is right but whose gzip stream is broken (the registry accepted it)."""
