@@ -135,8 +135,14 @@ class Client:
         async with self._job() as ctx:
             src = LayoutEnd(layout)
             dst = self._registry_end(ctx, ref)
-            img = await transfer_image(ctx, src, tag, dst, ref.tag, platform=plat, annotations=annotations,
-                                       convert=codec)
+            img = None
+            if codec is not None and plat is None and not annotations:
+                made_from = await src.manifest_digest(tag)
+                img = await _converted_earlier(ctx, made_from, f"{src}:{tag}" if tag else str(src), dst, ref, codec,
+                                               "push")
+            if img is None:
+                img = await transfer_image(ctx, src, tag, dst, ref.tag, platform=plat, annotations=annotations,
+                                           convert=codec)
         return self._result("push", ctx, started, [img])
 
     async def copy(self, source: str, destination: str, *, platform: str | None = None,
@@ -154,7 +160,8 @@ class Client:
             src, dst = self._registry_end(ctx, sref), self._registry_end(ctx, dref)
             img = None
             if codec is not None and plat is None and not annotations:
-                img = await _converted_earlier(ctx, src, sref, dst, dref, codec)
+                made_from = await retrying(ctx, str(src), lambda: src.manifest_digest(sref.reference))
+                img = await _converted_earlier(ctx, made_from, str(sref), dst, dref, codec, "copy")
             if img is None:
                 img = await transfer_image(ctx, src, sref, dst, dref.tag, platform=plat,
                                             annotations=annotations, convert=codec)
@@ -211,20 +218,20 @@ class Client:
             return await fetch_root(self._registry_end(ctx, ref), ref)
 
 
-async def _converted_earlier(ctx: Context, src: RegistryEnd, sref: Reference, dst: RegistryEnd, dref: Reference,
-                             codec: Codec) -> ImageOutcome | None:
-    """What a recompressing copy has left to do when an earlier one already did it: nothing. One
-    HEAD at each end, and a GET of the destination's root only when it is there."""
+async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst: RegistryEnd,
+                             dref: Reference, codec: Codec, op: str) -> ImageOutcome | None:
+    """What a recompressing copy or push of ``source`` (named ``what``) has left to do when an
+    earlier one already did it: nothing. One HEAD at the destination, and a GET of its root only
+    when it is there."""
     where = f"{dst}:{dref.tag}" if dref.tag else str(dst)
-    source = await retrying(ctx, str(src), lambda: src.manifest_digest(sref.reference))
     current = await retrying(ctx, str(dst), lambda: dst.manifest_digest(dref.reference))
     if source is None or current is None or current == source:
         return None
     if not await retrying(ctx, str(dst), lambda: holds_conversion(dst, dref.reference, source, codec)):
         return None
     ctx.emit(Event("info", target=where, detail=(
-        f"{where} already holds {sref} ({source.short}) converted to {codec}: nothing to copy")))
-    return ImageOutcome(str(sref), where, str(current), 0, 0)
+        f"{where} already holds {what} ({source.short}) converted to {codec}: nothing to {op}")))
+    return ImageOutcome(what, where, str(current), 0, 0)
 
 
 def _hash_file(path: Path) -> tuple[Digest, int]:

@@ -203,6 +203,30 @@ async def test_copy_recompress_again_finds_the_conversion_and_moves_nothing(
     assert fetch(registry2, f"{repo_name}/manifests/v1")[1] != converted
 
 
+async def test_push_compress_again_finds_the_conversion_and_uploads_nothing(
+        registry: LocalRegistry, cli: Cli, proxy: MakeProxy, repo_name: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    build_image(src, "v1", [96 * KiB, 48 * KiB], seed=13)
+    counted = await proxy(registry)
+    dest = f"{counted.host}/{repo_name}:v1"
+    first = await cli("push", str(src), dest, "--compress", "zstd:3")
+    assert first.returncode == 0, first.stderr
+    converted = fetch(registry, f"{repo_name}/manifests/v1")[1]
+    uploads = counted.counters["uploads_started"]
+    assert uploads >= 2  # both layers, converted
+
+    again = await cli("push", str(src), dest, "--compress", "zstd:3")
+    assert again.returncode == 0, again.stderr
+    assert "converted to zstd:3: nothing to push" in again.output
+    assert counted.counters["uploads_started"] == uploads  # nothing compressed or sent again
+    assert fetch(registry, f"{repo_name}/manifests/v1")[1] == converted
+
+    other = await cli("push", str(src), dest, "--compress", "zstd:5")  # another level: another conversion
+    assert other.returncode == 0, other.stderr
+    assert counted.counters["uploads_started"] > uploads
+    assert fetch(registry, f"{repo_name}/manifests/v1")[1] != converted
+
+
 async def test_a_rewritten_root_is_written_once_with_no_orphan_of_the_source_manifest(
         registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, proxy: MakeProxy, repo_name: str,
         tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ class LayoutEnd:
         data = self.layout.read_blob(desc, limit=MAX_MANIFEST)
         return RawManifest.parse_bytes(data, desc.media_type, desc.digest)
 
-    async def manifest_digest(self, reference: str) -> Digest | None:
+    async def manifest_digest(self, reference: str | None) -> Digest | None:
         try:
             return self.layout.resolve(reference).digest
         except Exception:
