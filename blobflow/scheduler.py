@@ -100,6 +100,19 @@ class Scheduler:
         # each waiter gets its own view: one waiter cancelled does not cancel the job for the others
         return asyncio.shield(fut)
 
+    async def submit_first(self, key: Hashable, size: int, factory: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """``submit``'s result, and whether this call's ``factory`` made it (True) or the call
+        shared the job of an earlier submit with the same key (False)."""
+        ran = False
+
+        def run() -> Awaitable[T]:
+            nonlocal ran
+            ran = True
+            return factory()
+
+        result = await self.submit(key, size, run)
+        return result, ran
+
     def _dispatch(self) -> None:
         assert self._tg is not None, "Scheduler used outside 'async with'"
         specs = pick([j.spec for j in self._pending.values()], [j.spec for j in self._running.values()],

@@ -196,6 +196,19 @@ async def test_single_flight() -> None:
     assert gate.calls == 1
 
 
+async def test_submit_first_tells_the_job_that_ran_from_those_that_shared_it() -> None:
+    gate = Gate()
+    async with Scheduler(4) as sched:
+        first = asyncio.ensure_future(sched.submit_first("layer", 10 * MiB, gate.job("first", "result")))
+        second = asyncio.ensure_future(sched.submit_first("layer", 10 * MiB, gate.job("second", "other")))
+        await gate.wait_running(1)
+        gate.release.set()
+        assert await asyncio.gather(first, second) == [("result", True), ("result", False)]
+        assert await sched.submit_first("layer", 10 * MiB, gate.job("later")) == ("result", False)
+        assert await sched.submit_first("other", 1, gate.job("new", "fresh")) == ("fresh", True)
+    assert gate.calls == 2
+
+
 async def test_single_flight_while_pending() -> None:
     gate = Gate()
     async with Scheduler(1) as sched:

@@ -42,7 +42,6 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
 
-
 async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> Outcome:
     """Make ``desc`` present at ``dst``; say how: moved, skipped (already there), mounted, or
     shared (another image of the job moved it).
@@ -50,18 +49,13 @@ async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> Out
     One transfer per destination and digest (single flight): when several repositories of one
     registry need the same blob, the first moves it and the others mount it from there.
     """
-    ran = False
-
     def place() -> Awaitable[tuple[str, Outcome]]:
-        nonlocal ran
-        ran = True
         return _place(ctx, src, dst, desc)
 
-    landed, outcome = await ctx.scheduler.submit((dst.key, desc.digest), desc.size, place)
+    (landed, outcome), ran = await ctx.scheduler.submit_first((dst.key, desc.digest), desc.size, place)
     if landed != dst.location:
         # another repository of this registry has it: a mount, so a round trip (the small lane)
-        ran = False
-        landed, outcome = await ctx.scheduler.submit((dst.key, dst.location, desc.digest), 0, place)
+        (landed, outcome), ran = await ctx.scheduler.submit_first((dst.key, dst.location, desc.digest), 0, place)
     return outcome if ran else "shared"
 
 

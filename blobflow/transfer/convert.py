@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from ..codec import DOCKER_TO_OCI, Codec, CorruptStreamError, Recoder, compression_of
 from ..errors import BlobflowError, DigestMismatchError, ManifestError, TransferError
@@ -90,15 +90,8 @@ async def convert_layer(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Des
 
     Once per destination, codec and source digest in a job; under the scheduler's concurrency.
     """
-    ran = False
-
-    def convert() -> Awaitable[Descriptor]:
-        nonlocal ran
-        ran = True
-        return _convert(ctx, src, dst, desc, diff_id, codec)
-
     key = (dst.key, dst.location, "convert", str(codec), desc.digest)
-    new = await ctx.scheduler.submit(key, desc.size, convert)
+    new, ran = await ctx.scheduler.submit_first(key, desc.size, lambda: _convert(ctx, src, dst, desc, diff_id, codec))
     return new, "moved" if ran else "shared"
 
 
