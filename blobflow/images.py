@@ -231,10 +231,16 @@ def converted_from(raw: RawManifest) -> tuple[str, str] | None:
 
 
 async def holds_conversion(dst: RegistryEnd, reference: str, source: Digest, convert: Codec) -> bool:
-    """``dst``'s ``reference`` is ``source`` converted with ``convert`` by an earlier recompressing
-    copy or mirror (its root records both). A converted image never has its source's digest, so
-    without this every run would download and recompress every layer again."""
-    return converted_from(await dst.fetch_manifest(reference)) == (str(source), str(convert))
+    """``dst``'s ``reference`` is what converting ``source`` with ``convert`` makes: either an earlier
+    recompressing copy or mirror wrote it (its root records both: a converted image never has its
+    source's digest, so without this every run would download and recompress every layer again),
+    or it is ``source`` itself and conversion would leave it so (its layers are in that codec
+    already, or not convertible: signatures, charts). Reads only from ``dst``."""
+    root = await dst.fetch_manifest(reference)
+    if root.digest != source:
+        return converted_from(root) == (str(source), str(convert))
+    _, manifests = await collect(dst, root, None)
+    return not any(convert.wants(d) for m in manifests if not m.is_index for d in m.blobs()[1:])
 
 
 def annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:

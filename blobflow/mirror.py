@@ -246,9 +246,9 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
         report.source_digest = str(source_digest or "")
         dest_digest = await dst.manifest_digest(item.destination.reference)
         if source_digest is not None and dest_digest is not None and item.platforms is None:
-            # recompressed, the destination can never have the source's digest: its root says
-            # what it was made from. Holding the source as it is does not count then (a plan that
-            # gains recompress converts what it mirrored before, as copy --recompress does).
+            # recompressed, the destination's root says what it was made from; the source as it
+            # is counts only when it has nothing to convert (a plan that gains recompress converts
+            # what it mirrored before, as copy --recompress does)
             current = (dest_digest == source_digest if convert is None
                        else await holds_conversion(dst, item.destination.reference, source_digest, convert))
             if current:

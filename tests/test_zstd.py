@@ -327,6 +327,29 @@ async def test_mirror_recompress_converts_every_image_of_the_plan(registry: Loca
     assert refused.returncode == 2 and "recompress" in refused.stderr
 
 
+async def test_mirror_recompress_of_a_source_already_in_the_codec_is_up_to_date_next_time(
+        registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, proxy: MakeProxy, tmp_path: Path) -> None:
+    """Nothing to convert: the destination gets the source as it is, and the next run finds it
+    current from the destination alone, as it would without recompress (no GET at the source)."""
+    build_image(tmp_path / "img", "1.0", [64 * KiB], seed=32)
+    pushed = await cli("push", str(tmp_path / "img"), f"{registry.host}/lib/z:1.0", "--compress", "zstd:3")
+    assert pushed.returncode == 0, pushed.stderr
+    counted = await proxy(registry)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[defaults]\nrecompress = "zstd:3"\n\n[[mirror]]\nsource = "{counted.host}/lib/z"\n'
+                    f'destination = "{registry2.host}/mirror/z"\ntags = ["1.0"]\n')
+    first = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert first.returncode == 0, first.output
+    assert statuses(first.stdout) == ["copied"]
+    assert fetch(registry2, "mirror/z/manifests/1.0")[1] == fetch(registry, "lib/z/manifests/1.0")[1]
+
+    gets = counted.counters["requests:GET"]
+    again = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert again.returncode == 0, again.output
+    assert statuses(again.stdout) == ["up to date"]
+    assert counted.counters["requests:GET"] == gets
+
+
 async def test_a_plan_that_gains_recompress_converts_what_it_mirrored_as_it_was(
         registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
     """The destination holds the source's own digest: current for a plain mirror, not for a plan
