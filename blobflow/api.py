@@ -25,7 +25,7 @@ from .images import (
     Platform,
     check_annotations,
     fetch_root,
-    holds_conversion,
+    holds_image,
     preflight_sizes,
     retrying,
     transfer_image,
@@ -227,7 +227,7 @@ async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst
     current = await retrying(ctx, str(dst), lambda: dst.manifest_digest(dref.reference))
     if source is None or current is None or current == source:
         return None
-    if not await retrying(ctx, str(dst), lambda: holds_conversion(dst, dref.reference, source, codec)):
+    if not await retrying(ctx, str(dst), lambda: holds_image(dst, dref.reference, source, convert=codec)):
         return None
     ctx.emit(Event("info", target=where, detail=(
         f"{where} already holds {what} ({source.short}) converted to {codec}: nothing to {op}")))

@@ -25,16 +25,20 @@ from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, en
 from .transfer.convert import Conversion, convert_layer, plan_conversion, rewrite_manifests
 from .types import Descriptor, Digest, Reference
 
-__all__ = ["CONVERTED_FROM", "CONVERTED_TO", "ImageOutcome", "Platform", "check_annotations", "collect",
-           "converted_from", "fetch_root", "preflight_sizes", "retrying", "transfer_image"]
+__all__ = ["CONVERTED_FROM", "CONVERTED_TO", "PLATFORMS", "PLATFORMS_FROM", "ImageOutcome", "Platform",
+           "check_annotations", "collect", "fetch_root", "holds_image", "preflight_sizes",
+           "retrying", "transfer_image"]
 
 T = TypeVar("T")
 GHCR_DESCRIPTION_MAX = 512
 GHCR_LICENSES_MAX = 256
-# a recompressed image's root manifest records what it was converted from, so a later mirror run
-# can see that the destination is up to date (its digest can never equal the source's)
+# a root that recompression or a platform selection made differs from the source's; it records
+# what it was made from and how, so a later run can see that the destination is up to date
 CONVERTED_FROM = "dev.blobflow.converted.from"  # the source root manifest's digest
 CONVERTED_TO = "dev.blobflow.converted.to"  # the codec, e.g. zstd:3
+PLATFORMS_FROM = "dev.blobflow.platforms.from"  # the source root manifest's digest
+PLATFORMS = "dev.blobflow.platforms"  # the platforms kept, sorted: linux/amd64,linux/arm64
+MADE_KEYS = (CONVERTED_FROM, CONVERTED_TO, PLATFORMS_FROM, PLATFORMS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,13 +202,14 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     if convert is not None and not dry_run:
         converted = {dg: f.result()[0] for dg, f in converting.items()}
         kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)
-        before = root.digest
         root, below = rewrite_manifests(root, below, converted, convert)
-        if root.digest != before:  # say what it was made from: a re-run can tell it is up to date
-            root = annotate(root, {CONVERTED_FROM: str(source_digest), CONVERTED_TO: str(convert)})
         ctx.emit(Event("info", target=str(dst), n=len(converted), detail=(
             f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
             f"{len(kept)} copied as they are")))
+    if root.digest != source_digest:  # say what it was made from: a re-run can tell it is up to date
+        made = made_of(source_digest, convert, wanted)
+        if made:
+            root = annotate(root, made)
     for m in below:
         await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
     await retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
@@ -222,25 +227,36 @@ async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]])
                               emit=ctx.emit, what=what)
 
 
-def converted_from(raw: RawManifest) -> tuple[str, str] | None:
-    """(source digest, codec) that a root written by ``transfer_image(convert=...)`` records."""
-    notes = raw.doc.get("annotations") or {}
-    if not isinstance(notes, dict) or CONVERTED_FROM not in notes or CONVERTED_TO not in notes:
-        return None
-    return str(notes[CONVERTED_FROM]), str(notes[CONVERTED_TO])
+def made_of(source: Digest, convert: Codec | None, platforms: Sequence[Platform] | None) -> dict[str, str]:
+    """The annotations of a root made from ``source`` with these options (none without options)."""
+    made: dict[str, str] = {}
+    if convert is not None:
+        made |= {CONVERTED_FROM: str(source), CONVERTED_TO: str(convert)}
+    if platforms is not None:
+        made |= {PLATFORMS_FROM: str(source), PLATFORMS: ",".join(sorted({str(p) for p in platforms}))}
+    return made
 
 
-async def holds_conversion(dst: RegistryEnd, reference: str, source: Digest, convert: Codec) -> bool:
-    """``dst``'s ``reference`` is what converting ``source`` with ``convert`` makes: either an earlier
-    recompressing copy or mirror wrote it (its root records both: a converted image never has its
-    source's digest, so without this every run would download and recompress every layer again),
-    or it is ``source`` itself and conversion would leave it so (its layers are in that codec
-    already, or not convertible: signatures, charts). Reads only from ``dst``."""
+async def holds_image(dst: RegistryEnd, reference: str, source: Digest, *, convert: Codec | None = None,
+                      platforms: Sequence[str] | None = None) -> bool:
+    """``dst``'s ``reference`` is what ``transfer_image`` makes of ``source`` with these options,
+    read from ``dst`` alone: the source's own root when the options leave it as it is (layers in
+    the codec already or not convertible, every platform kept), else a root whose annotations
+    record this source and these options and no others. A converted or selected image never has
+    its source's digest, so without this every run would fetch the source and convert again."""
     root = await dst.fetch_manifest(reference)
-    if root.digest != source:
-        return converted_from(root) == (str(source), str(convert))
-    _, manifests = await collect(dst, root, None)
-    return not any(convert.wants(d) for m in manifests if not m.is_index for d in m.blobs()[1:])
+    wanted = [Platform.parse(p) for p in platforms] if platforms is not None else None
+    if root.digest == source:
+        try:
+            kept, manifests = await collect(dst, root, None, platforms=wanted)
+        except NotFoundError:
+            return False
+        layers = (d for m in manifests if not m.is_index for d in m.blobs()[1:])
+        return kept.digest == root.digest and (convert is None or not any(convert.wants(d) for d in layers))
+    want = made_of(source, convert, wanted)
+    notes = root.doc.get("annotations")
+    have = {k: notes.get(k) for k in MADE_KEYS if k in notes} if isinstance(notes, dict) else {}
+    return bool(want) and have == want
 
 
 def annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from .codec import Codec
 from .errors import BadInputError, BlobflowError
-from .images import ImageOutcome, holds_conversion, transfer_image
+from .images import ImageOutcome, holds_image, transfer_image
 from .transfer import Context, RegistryEnd
 from .types import Reference
 
@@ -245,12 +245,13 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
         source_digest = await src.manifest_digest(item.source.reference)
         report.source_digest = str(source_digest or "")
         dest_digest = await dst.manifest_digest(item.destination.reference)
-        if source_digest is not None and dest_digest is not None and item.platforms is None:
-            # recompressed, the destination's root says what it was made from; the source as it
-            # is counts only when it has nothing to convert (a plan that gains recompress converts
-            # what it mirrored before, as copy --recompress does)
-            current = (dest_digest == source_digest if convert is None
-                       else await holds_conversion(dst, item.destination.reference, source_digest, convert))
+        if source_digest is not None and dest_digest is not None:
+            # recompressed or some platforms only, the destination's root says what it was made
+            # from; the source as it is counts only when those options would leave it so (a plan
+            # that gains recompress converts what it mirrored before, as copy --recompress does)
+            current = (dest_digest == source_digest if convert is None and item.platforms is None
+                       else await holds_image(dst, item.destination.reference, source_digest, convert=convert,
+                                              platforms=item.platforms))
             if current:
                 report.status, report.destination_digest = "up to date", str(dest_digest)
                 return report

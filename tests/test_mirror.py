@@ -233,3 +233,48 @@ async def test_dry_run_writes_nothing(
     assert out.count("would copy") == REPOS * TAGS
     with pytest.raises(blobflow.NotFoundError):
         await blobflow.Client(blobflow.EngineConfig(plain_http=True)).inspect(f"{registry2.host}/mirror/app0:1.0")
+
+
+def _statuses(report: Path) -> list[str]:
+    return [i["status"] for i in json.loads(report.read_text())["images"]]
+
+
+async def test_a_platform_selection_is_up_to_date_next_time_without_a_source_get(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path,
+) -> None:
+    """Some platforms of an index make a new index, which never has the source's digest: its
+    annotations say what it was made from, and the next run reads only those (a manifest GET at
+    Docker Hub counts against the pull limit). Other platforms, or all of them, move again."""
+    build_image(tmp_path / "img", "1.0", [16 * KiB], seed=90, platforms=["linux/amd64", "linux/arm64", "linux/s390x"])
+    await blobflow.Client().push(tmp_path / "img", f"{registry.host}/lib/multi:1.0")
+    source_digest = (await blobflow.Client(blobflow.EngineConfig(plain_http=True)).inspect(
+        f"{registry.host}/lib/multi:1.0")).digest
+    p = await proxy(registry)
+    plan, report = tmp_path / "plan.toml", tmp_path / "r.json"
+
+    def write(platforms: str) -> None:
+        plan.write_text(f'[[mirror]]\nsource = "{p.host}/lib/multi"\ndestination = "{registry2.host}/m/multi"\n'
+                        f'tags = ["1.0"]\n{platforms}\n')
+
+    async def run() -> tuple[list[str], int]:
+        gets = p.counters["requests:GET"]
+        code, out, err = await _mirror(plan, "--report", str(report), "--state-dir", str(tmp_path / "state"))
+        assert code == 0, (out, err)
+        return _statuses(report), p.counters["requests:GET"] - gets
+
+    write('platforms = ["linux/s390x", "linux/arm64"]')
+    assert (await run())[0] == ["copied"]
+    index = (await blobflow.Client(blobflow.EngineConfig(plain_http=True)).inspect(
+        f"{registry2.host}/m/multi:1.0")).doc
+    assert [c["platform"]["architecture"] for c in index["manifests"]] == ["arm64", "s390x"]
+    assert index["annotations"] == {"dev.blobflow.platforms.from": str(source_digest),
+                                    "dev.blobflow.platforms": "linux/arm64,linux/s390x"}
+    assert await run() == (["up to date"], 0)
+
+    write('platforms = ["linux/arm64"]')  # another selection
+    assert (await run())[0] == ["copied"]
+    write("")  # every platform: the source's own index
+    assert (await run())[0] == ["copied"]
+    assert await run() == (["up to date"], 0)
+    write('platforms = ["linux/amd64", "linux/arm64", "linux/s390x"]')  # all of them: the same index
+    assert await run() == (["up to date"], 0)

@@ -350,6 +350,27 @@ async def test_mirror_recompress_of_a_source_already_in_the_codec_is_up_to_date_
     assert counted.counters["requests:GET"] == gets
 
 
+async def test_mirror_recompress_of_some_platforms_is_up_to_date_next_time(
+        registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, proxy: MakeProxy, tmp_path: Path) -> None:
+    build_image(tmp_path / "img", "1.0", [48 * KiB], seed=33, platforms=["linux/amd64", "linux/arm64"])
+    await blobflow.Client().push(tmp_path / "img", f"{registry.host}/lib/two:1.0")
+    source = str(Digest.of(fetch(registry, "lib/two/manifests/1.0")[1]))
+    counted = await proxy(registry)
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[defaults]\nrecompress = "zstd:3"\n\n[[mirror]]\nsource = "{counted.host}/lib/two"\n'
+                    f'destination = "{registry2.host}/mirror/two"\ntags = ["1.0"]\nplatforms = ["linux/arm64"]\n')
+    first = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert first.returncode == 0, first.output
+    index = fetch_json(registry2, "mirror/two/manifests/1.0")
+    assert len(index["manifests"]) == 1
+    assert index["annotations"] == {"dev.blobflow.converted.from": source, "dev.blobflow.converted.to": "zstd:3",
+                                    "dev.blobflow.platforms.from": source, "dev.blobflow.platforms": "linux/arm64"}
+    gets = counted.counters["requests:GET"]
+    again = await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert again.returncode == 0, again.output
+    assert statuses(again.stdout) == ["up to date"] and counted.counters["requests:GET"] == gets
+
+
 async def test_a_plan_that_gains_recompress_converts_what_it_mirrored_as_it_was(
         registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
     """The destination holds the source's own digest: current for a plain mirror, not for a plan
