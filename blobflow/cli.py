@@ -443,7 +443,8 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
         for i in result.images:
             line = f"{i.status:>10}  {i.source} -> {i.destination}"
             if i.status in ("copied", "would copy"):
-                line += f"  ({i.blobs} blobs, {i.bytes / 1e6:.1f} MB, {i.skipped} skipped, {i.mounted} mounted)"
+                line += (f"  ({i.blobs} blobs, {i.bytes / 1e6:.1f} MB, {i.skipped} skipped, {i.mounted} mounted"
+                         + (f", {i.shared} shared)" if i.shared else ")"))
             elif i.status == "failed":
                 line += f"  ({i.error})"
             print(line)

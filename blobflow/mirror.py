@@ -83,6 +83,7 @@ class ImageReport:
     blobs: int = 0
     skipped: int = 0
     mounted: int = 0
+    shared: int = 0  # blobs another image of this job moved to the same registry
     error: str = ""
 
 
@@ -260,7 +261,7 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
         report.status = "would copy" if dry_run else "copied"
         report.destination_digest = outcome.digest
         report.bytes, report.blobs = outcome.bytes, outcome.moved
-        report.skipped, report.mounted = outcome.skipped, outcome.mounted
+        report.skipped, report.mounted, report.shared = outcome.skipped, outcome.mounted, outcome.shared
     except BlobflowError as e:
         report.error = str(e)
     finally:
