@@ -25,7 +25,9 @@ def format_bytes(n: float) -> str:
 
 
 def format_seconds(seconds: float) -> str:
-    """``42 s``, ``9:41``, ``1:02:03``; negative values keep their sign."""
+    """``0.4 s``, ``42 s``, ``9:41``, ``1:02:03``; negative values keep their sign."""
+    if abs(seconds) < 9.95:
+        return f"{round(seconds, 1) + 0.0:.1f} s"  # + 0.0: no "-0.0"
     sign, s = ("-" if seconds < 0 else ""), round(abs(seconds))
     if s < 60:
         return f"{sign}{s} s"
@@ -42,7 +44,9 @@ def summary_line(result: Result) -> str:
              f"{result.skipped} skipped", f"{result.mounted} mounted"]
     if result.retries:
         parts.append(f"{result.retries} retried")
-    if result.min_slack is not None:
+    if result.min_slack is not None and result.min_slack < 0:
+        parts.append(f"an upload finished {format_seconds(-result.min_slack)} after its window ended")
+    elif result.min_slack is not None:
         parts.append(f"smallest slack {format_seconds(result.min_slack)} of an upload window")
     return "; ".join(parts)
 

@@ -374,8 +374,11 @@ class _Destination:
             assert self.emit is not None
             now = self.clock()
             left = t.deadline - now
+            detail = (f"finished with {left:.1f} s of its {self.window:g} s window left" if left >= 0 else
+                      f"finished {-left:.1f} s after its {self.window:g} s window ended (a registry that "
+                      "enforces the window would have cut it)")
             self.emit(Event("deadline_met", t.digest.short, size=t.size, n=t.sent, target=self.registry,
-                            detail=f"finished with {left:.1f} s of its {self.window:g} s window left", time=now,
+                            detail=detail, time=now,
                             window_left=round(left, 3), projected_finish=0.0, slack=round(left, 3)))
 
     def _left(self, t: UploadTicket) -> int:

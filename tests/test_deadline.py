@@ -389,6 +389,9 @@ def test_summary_reports_the_smallest_slack() -> None:
     assert "slack" not in summary_line(Result("push", [], 3, 9 * MB, 4.0, 0, 0, 0, 1))
     assert result.to_json()["min_slack"] == 125.4
     assert format_seconds(42.4) == "42 s" and format_seconds(-3725) == "-1:02:05"
+    assert format_seconds(4.24) == "4.2 s" and format_seconds(-0.04) == "0.0 s" and format_seconds(-0.3) == "-0.3 s"
+    late = summary_line(Result("push", [], 3, 9 * MB, 4.0, 0, 0, 0, 1, min_slack=-0.3))
+    assert "an upload finished 0.3 s after its window ended" in late and "slack" not in late
 
 
 def test_rich_progress_shows_the_time_left_in_an_upload_window() -> None:
