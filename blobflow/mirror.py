@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from .codec import Codec
 from .errors import BadInputError, BlobflowError
-from .images import ImageOutcome, holds_image, transfer_image
+from .images import ImageOutcome, holds_image, retrying, transfer_image
 from .transfer import Context, RegistryEnd
 from .types import Reference
 
@@ -231,7 +231,7 @@ async def expand(ctx: Context, entry: MirrorEntry, end: Any) -> list[MirrorItem]
     available: list[str] = []
     if entry.tags is None:
         src = end(ctx, entry.source)
-        available = await src.client.list_tags(src.repository)
+        available = await retrying(ctx, str(src), lambda: src.client.list_tags(src.repository))
     return [MirrorItem(entry.source.with_tag(tag), entry.destination.with_tag(tag), entry.platforms)
             for tag in select_tags(available, entry)]
 
@@ -243,16 +243,16 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
     src: RegistryEnd = end(ctx, item.source)
     dst: RegistryEnd = end(ctx, item.destination)
     try:
-        source_digest = await src.manifest_digest(item.source.reference)
+        source_digest = await retrying(ctx, str(src), lambda: src.manifest_digest(item.source.reference))
         report.source_digest = str(source_digest or "")
-        dest_digest = await dst.manifest_digest(item.destination.reference)
+        dest_digest = await retrying(ctx, str(dst), lambda: dst.manifest_digest(item.destination.reference))
         if source_digest is not None and dest_digest is not None:
             # recompressed or some platforms only, the destination's root says what it was made
             # from; the source as it is counts only when those options would leave it so (a plan
             # that gains recompress converts what it mirrored before, as copy --recompress does)
             current = (dest_digest == source_digest if convert is None and item.platforms is None
-                       else await holds_image(dst, item.destination.reference, source_digest, convert=convert,
-                                              platforms=item.platforms))
+                       else await retrying(ctx, str(dst), lambda: holds_image(
+                           dst, item.destination.reference, source_digest, convert=convert, platforms=item.platforms)))
             if current:
                 report.status, report.destination_digest = "up to date", str(dest_digest)
                 return report

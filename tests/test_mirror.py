@@ -278,3 +278,21 @@ async def test_a_platform_selection_is_up_to_date_next_time_without_a_source_get
     assert await run() == (["up to date"], 0)
     write('platforms = ["linux/amd64", "linux/arm64", "linux/s390x"]')  # all of them: the same index
     assert await run() == (["up to date"], 0)
+
+
+async def test_a_flaky_source_and_destination_are_retried_down_to_every_head(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path, layouts: Path,
+) -> None:
+    """503s on any request, the up-to-date HEADs and tag lists included, are retried as the
+    product promises: the plan completes and a re-run finds everything up to date. (One in ten:
+    a blob attempt makes three requests, and five retries in a row must not all fail.)"""
+    digests = await _populate(registry, layouts, tmp_path)
+    src = await proxy(registry, Faults(status={503: 0.1}, seed=7))
+    dst = await proxy(registry2, Faults(status={503: 0.1}, seed=8))
+    plan = _plan(tmp_path / "plan.toml", src.host, dst.host)
+    for _ in range(2):
+        code, out, err = await _mirror(plan, "--report", str(tmp_path / "r.json"), "--state-dir",
+                                       str(tmp_path / "state"))
+        assert code == 0, (out, err)
+    assert _statuses(tmp_path / "r.json") == ["up to date"] * len(digests)
+    assert src.counters["status:503"] > 0 and dst.counters["status:503"] > 0
