@@ -185,7 +185,8 @@ class Client:
         started = time.monotonic()
         async with self._job() as ctx:
             src = self._registry_end(ctx, ref)
-            size = await src.client.head_blob(ref.repository, ref.digest)
+            digest = ref.digest
+            size = await retrying(ctx, str(src), lambda: src.client.head_blob(ref.repository, digest))
             if size is None:
                 raise NotFoundError(f"{ref.registry}/{ref.repository}: blob {ref.digest} not found", status=404)
             desc = Descriptor("application/octet-stream", ref.digest, size)
@@ -210,12 +211,14 @@ class Client:
     async def tags(self, repository: str, *, page_size: int | None = None) -> list[str]:
         ref = Reference.parse(repository)
         async with self._job() as ctx:
-            return await self._registry_end(ctx, ref).client.list_tags(ref.repository, page_size=page_size)
+            end = self._registry_end(ctx, ref)
+            return await retrying(ctx, str(end), lambda: end.client.list_tags(ref.repository, page_size=page_size))
 
     async def inspect(self, image: str) -> RawManifest:
         ref = Reference.parse(image)
         async with self._job() as ctx:
-            return await fetch_root(self._registry_end(ctx, ref), ref)
+            end = self._registry_end(ctx, ref)
+            return await retrying(ctx, str(end), lambda: fetch_root(end, ref))
 
 
 async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst: RegistryEnd,

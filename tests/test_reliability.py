@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import MakeProxy
 from faultproxy import Faults
 
@@ -192,6 +193,32 @@ async def test_non_retryable_errors_fail_fast_with_the_registry_message(
     assert code in text and "injected by FaultProxy" in text and "Traceback" not in text
     assert p.counters["requests:GET"] == 1, "a non-retryable error was retried"
     assert not (tmp_path / "out").exists()
+
+
+async def test_tags_inspect_and_blob_get_retry_a_503(registry: LocalRegistry, proxy: MakeProxy,
+                                                     tmp_path: Path) -> None:
+    """The first request of each command answered 503: retried, as transfers are."""
+    layout = tmp_path / "img"
+    build_image(layout, "v1", [4096], seed=12)
+    await blobflow.Client(_config(tmp_path)).push(layout, f"{registry.host}/rel/small:v1")
+    digest = (await blobflow.Client(_config(tmp_path)).inspect(f"{registry.host}/rel/small:v1")).digest
+    answered: list[str] = []
+
+    def first_of_each(request: web.Request) -> bool:  # one 503 per command: its first request
+        kind = request.path.rsplit("/", 2)[-2]
+        if kind in answered:
+            return False
+        answered.append(kind)
+        return True
+
+    p = await proxy(registry, Faults(status={503: 1.0}, retry_after=None, match=first_of_each))
+    client = blobflow.Client(_config(tmp_path))
+    assert await client.tags(f"{p.host}/rel/small") == ["v1"]
+    assert (await client.inspect(f"{p.host}/rel/small:v1")).digest == digest
+    config = (await client.inspect(f"{p.host}/rel/small:v1")).doc["config"]["digest"]
+    await client.blob_get(f"{p.host}/rel/small@{config}", tmp_path / "config.json")
+    assert hashlib.sha256((tmp_path / "config.json").read_bytes()).hexdigest() == config[7:]
+    assert answered == ["tags", "manifests", "blobs"] and p.counters["status:503"] == 3
 
 
 async def test_manifest_unknown_is_not_retried(registry: LocalRegistry, tmp_path: Path) -> None:
