@@ -526,6 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_FAILED
+    except OSError as e:  # the local disk: full, read-only, a path gone from under the job
+        where = f"{e.filename}: " if e.filename else ""
+        render.error(f"{where}{e.strerror or e}", EXIT_FAILED)
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        return EXIT_FAILED
     except Exception as e:
         render.error(f"internal error: {type(e).__name__}: {e} (run with -v for details)", EXIT_FAILED)
         if getattr(args, "verbose", False):

@@ -153,10 +153,13 @@ class Layout:
             return cls.open(root)
         if root.exists() and not root.is_dir():
             raise LayoutError(f"{root} exists and is not a directory")
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
-        if not (root / "index.json").exists():
-            _atomic_write(root / "index.json", _index_bytes([]))
+        try:
+            (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            _atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
+            if not (root / "index.json").exists():
+                _atomic_write(root / "index.json", _index_bytes([]))
+        except OSError as e:  # a parent that is a file, a read-only or full filesystem
+            raise LayoutError(f"cannot create an OCI image layout at {root}: {e.strerror or e}") from None
         return cls(root)
 
     # -- reading ---------------------------------------------------------------------------

@@ -177,6 +177,26 @@ async def test_push_layout_missing_a_layer(registry: LocalRegistry, cli: Cli, tm
     assert missing in line
 
 
+async def test_local_paths_that_cannot_be_written_say_so_without_internal_error(
+        registry: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
+    """A destination under a regular file (the disk's errors look alike: full, read-only, gone)."""
+    layout = tmp_path / "layout"
+    desc = build_image(layout, "v1", [4 * KiB], seed=6)
+    config = image_blobs(layout, str(desc.digest))[0]
+    pushed = await cli("push", str(layout), f"{registry.host}/r:v1")
+    assert pushed.returncode == 0, pushed.stderr
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    results = await run_table(cli, {
+        "pull": ["pull", f"{registry.host}/r:v1", str(afile / "out")],
+        "blob get": ["blob", "get", f"{registry.host}/r@{config}", str(afile / "config.json")],
+    })
+    line = assert_one_line_error(results["pull"], 2)
+    assert f"cannot create an OCI image layout at {afile / 'out'}: Not a directory" in line
+    line = assert_one_line_error(results["blob get"], 1)
+    assert "internal error" not in line and "Not a directory" in line and str(afile) in line
+
+
 # -- digests that are not algorithm:hex of the right length ---------------------------------------
 
 BAD_DIGESTS = {
