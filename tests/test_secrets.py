@@ -110,10 +110,13 @@ async def test_canary_never_leaks_from_the_cli(
     # a wrong password: the same canary, for a user the token service does not know
     docker_home.write({"auths": {reg.host: {"auth": base64.b64encode(f"{GHOST}:{CANARY}".encode()).decode()}}})
     before = docker_home.config_path.read_bytes()
-    pull = ["pull", f"{reg.host}/team/app:v1", str(tmp_path / "never"), *ca]
     login = ["login", reg.host, "-u", GHOST, "--password-stdin", *ca]
+
+    def pull(flags: tuple[str, ...]) -> list[str]:  # a directory each: runs side by side must not share one
+        return ["pull", f"{reg.host}/team/app:v1", str(tmp_path / "never" / flags[-1].strip("-")), *ca]
+
     await _together([check(f"{args[0]}, wrong password {flags}", [*args, *flags], 2, stdin=stdin)
-                     for flags in OUTPUT_FLAGS for args, stdin in ((pull, None), (login, CANARY))])
+                     for flags in OUTPUT_FLAGS for args, stdin in ((pull(flags), None), (login, CANARY))])
     assert docker_home.config_path.read_bytes() == before, "a failed login changed the docker config"
     await check("login ok", ["login", reg.host, "-u", USER, "--password-stdin", "--json", "-v", *ca], 0, stdin=CANARY)
     assert len(reg.tokens.values) >= 6, "the runs above should have handed out many tokens"
