@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -20,6 +21,9 @@ from rich.text import Text
 
 from ._render import LogRenderer, format_seconds
 from .progress import Event
+
+if TYPE_CHECKING:
+    from .api import Result
 
 __all__ = ["RichRenderer", "WindowColumn"]
 
@@ -60,6 +64,12 @@ class RichRenderer(LogRenderer):
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
+
+    def result(self, result: Result, extra: dict[str, Any] | None = None) -> None:
+        # the bars (transient) go first: the summary printed under a live display was written into
+        # the region the next refresh redraws, or beside its last bar
+        self.progress.stop()
+        super().result(result, extra)
 
     def __call__(self, ev: Event) -> None:
         assert self._overall is not None

@@ -6,6 +6,7 @@ test_deadline_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 from pathlib import Path
@@ -410,6 +411,26 @@ def test_rich_progress_shows_the_time_left_in_an_upload_window() -> None:
         overall = next(t for t in renderer.progress.tasks if t.description == "total")
         assert WindowColumn().render(overall).plain == ""
         renderer(Event("blob_done", "sha256:abc", size=6 * MB))
+
+
+def test_rich_summary_is_printed_after_the_bars_are_gone() -> None:
+    """The live display is stopped (its transient bars erased) before the summary line is written."""
+    from blobflow._render_rich import RichRenderer
+
+    renderer = RichRenderer(verbose=False, quiet=False)
+    live_when_printed: list[bool] = []
+
+    class Out(io.StringIO):
+        def write(self, text: str) -> int:
+            live_when_printed.append(renderer.progress.live.is_started)
+            return super().write(text)
+
+    renderer.out = out = Out()
+    with renderer:
+        renderer(Event("blob_start", "sha256:abc", size=6 * MB, target="ghcr.io/org/app"))
+        renderer.result(Result("push", [], 1, 6 * MB, 1.0, 0, 0, 0, 1))
+    assert out.getvalue().startswith("pushed 1 blob, 6.0 MB")
+    assert live_when_printed and not any(live_when_printed)
 
 
 def test_cli_flags_reach_the_engine_config(tmp_path: Path) -> None:
