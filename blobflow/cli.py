@@ -516,27 +516,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = Client(config, listener=render)
         with render:
             return _event_loop_runner()(_stoppable(_run(args, client, render)))
-    except BlobflowError as e:
-        render.error(str(e), e.exit_code)
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        return e.exit_code
     except KeyboardInterrupt:
         render.error("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_FAILED
-    except OSError as e:  # the local disk: full, read-only, a path gone from under the job
-        where = f"{e.filename}: " if e.filename else ""
-        render.error(f"{where}{e.strerror or e}", EXIT_FAILED)
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        return EXIT_FAILED
     except Exception as e:
-        render.error(f"internal error: {type(e).__name__}: {e} (run with -v for details)", EXIT_FAILED)
+        message, code = _failure(e)
+        render.error(message, code)
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        return EXIT_FAILED
+        return code
+
+
+def _failure(e: Exception) -> tuple[str, int]:
+    """What to say about the error that ended a command, and its exit code."""
+    if isinstance(e, BlobflowError):
+        return str(e), e.exit_code
+    if isinstance(e, OSError):  # the local disk: full, read-only, a path gone from under the job
+        return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), EXIT_FAILED
+    return f"internal error: {type(e).__name__}: {e} (run with -v for details)", EXIT_FAILED
 
 
 def entry() -> NoReturn:
