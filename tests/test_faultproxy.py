@@ -322,7 +322,10 @@ def listening_addresses(pid: int) -> set[str]:
     """The TCP addresses a process listens on, from /proc (Linux)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing: a finished connection, not a listener
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = set()
