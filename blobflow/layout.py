@@ -2,6 +2,8 @@
 
 Writes are atomic: a blob is written under a temporary name, fsynced, verified and renamed;
 ``index.json`` is replaced last, so a layout only ever references complete, verified blobs.
+Processes writing one layout at once (parallel pulls of several tags) take turns at
+``index.json`` under a lock on the layout directory, so no tag replaces another's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import fcntl
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,18 @@ def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` itself (``flock`` on its descriptor), held by one
+    process at a time; no lock file is left in the layout."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)
 
@@ -155,9 +170,11 @@ class Layout:
             raise LayoutError(f"{root} exists and is not a directory")
         try:
             (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            _atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
-            if not (root / "index.json").exists():
-                _atomic_write(root / "index.json", _index_bytes([]))
+            with _locked(root):  # another process may be creating it, or already tagging in it
+                if not (root / "index.json").exists():
+                    _atomic_write(root / "index.json", _index_bytes([]))
+                if not (root / "oci-layout").exists():  # last: its presence means a whole layout
+                    _atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
         except OSError as e:  # a parent that is a file, a read-only or full filesystem
             raise LayoutError(f"cannot create an OCI image layout at {root}: {e.strerror or e}") from None
         return cls(root)
@@ -238,16 +255,18 @@ class Layout:
         return actual
 
     def set_tag(self, tag: str | None, desc: Descriptor) -> None:
-        """Point ``tag`` at ``desc`` in index.json (replacing that tag's old entry), atomically."""
-        current = self.index().get("manifests", [])
-        keep = [m for m in current if tag is None or (m.get("annotations") or {}).get(REF_NAME) != tag]
-        if tag is None:
-            keep = [m for m in keep if m.get("digest") != str(desc.digest)]
+        """Point ``tag`` at ``desc`` in index.json (replacing that tag's old entry), atomically and
+        under the layout's lock: the entries other processes add meanwhile are kept."""
         entry = desc.to_json()
         entry.pop("platform", None)
         if tag is not None:
             entry["annotations"] = {**(desc.annotations or {}), REF_NAME: tag}
-        _atomic_write(self.root / "index.json", _index_bytes([*keep, entry]))
+        with _locked(self.root):
+            current = self.index().get("manifests", [])
+            keep = [m for m in current if tag is None or (m.get("annotations") or {}).get(REF_NAME) != tag]
+            if tag is None:
+                keep = [m for m in keep if m.get("digest") != str(desc.digest)]
+            _atomic_write(self.root / "index.json", _index_bytes([*keep, entry]))
 
 
 def _index_bytes(manifests: list[dict[str, Any]]) -> bytes:

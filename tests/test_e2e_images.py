@@ -7,6 +7,7 @@ plain HTTP requests, the fault proxy's request log and ``skopeo``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import hashlib
@@ -174,6 +175,27 @@ async def test_pull_into_layout_holding_another_image(registry: LocalRegistry, c
     assert {str(existing.digest), *image_blobs(dst, str(existing.digest))} <= contents.reachable
     for name, data in before.items():  # the old image's blobs are untouched
         assert (dst / "blobs" / "sha256" / name).read_bytes() == data
+
+
+async def test_parallel_pulls_into_one_new_layout(registry: LocalRegistry, cli: Cli, check_layout: CheckLayout,
+                                                  repo_name: str, tmp_path: Path) -> None:
+    """``for t in a b c d; do blobflow pull REPO:$t DIR & done``: four processes create the layout,
+    fetch a base layer they share, and tag their image at once. Every one succeeds and the layout
+    ends with all four tags (a tag lost to a concurrent index.json write is a lost image)."""
+    src, dst = tmp_path / "src", tmp_path / "layout"
+    tags = ["a", "b", "c", "d"]
+    pushed = {}
+    client = blobflow.Client()
+    for i, tag in enumerate(tags):
+        pushed[tag] = str(build_image(src, tag, [16 * KiB], seed=20 + i, base_layers=[256 * KiB]).digest)
+        await client.push(src, f"{registry.host}/{repo_name}:{tag}", tag=tag)
+
+    results = await asyncio.gather(*(cli("pull", f"{registry.host}/{repo_name}:{tag}", str(dst)) for tag in tags))
+
+    assert [r.returncode for r in results] == [0] * len(tags), [r.stderr for r in results]
+    contents = check_layout(dst)
+    assert contents.tags == pushed
+    assert contents.files == contents.reachable
 
 
 async def test_push_chooses_the_image_by_tag(registry: LocalRegistry, repo_name: str, tmp_path: Path) -> None:

@@ -1,0 +1,44 @@
+"""The OCI layout under concurrent writers: several pulls into one directory at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from blobflow.layout import REF_NAME, Layout
+from blobflow.types import MEDIA_OCI_MANIFEST, Descriptor
+
+WRITERS = 4
+TAGS_EACH = 12
+
+
+def _tag_many(root: str, writer: int, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait()
+    layout = Layout.create(root)  # every writer may be the one that creates the layout
+    for i in range(TAGS_EACH):
+        data = f'{{"writer": {writer}, "i": {i}}}'.encode()
+        digest = layout.write_blob(data)
+        layout.set_tag(f"w{writer}-{i}", Descriptor(MEDIA_OCI_MANIFEST, digest, len(data)))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-dir", "existing-layout"])
+def test_concurrent_writers_keep_every_tag(existing: bool, tmp_path: Path) -> None:
+    """Each ``set_tag`` reads index.json, adds one entry and replaces the file. Processes doing it
+    at the same time must not replace each other's entries (a pulled image that loses its tag is
+    lost to the user), and creating a new layout must not wipe an index another process wrote."""
+    root = tmp_path / "layout"
+    if existing:
+        Layout.create(root)
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(WRITERS)
+    procs = [ctx.Process(target=_tag_many, args=(str(root), w, start)) for w in range(WRITERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * WRITERS
+    tags = [(m.annotations or {}).get(REF_NAME, "") for m in Layout.open(root).images()]
+    assert sorted(tags) == sorted(f"w{w}-{i}" for w in range(WRITERS) for i in range(TAGS_EACH))
+    assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
