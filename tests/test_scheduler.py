@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blobflow.errors import DigestMismatchError, TransferError
-from blobflow.scheduler import SMALL, JobSpec, Scheduler, pick
+from blobflow.scheduler import SMALL, JobQueue, JobSpec, Scheduler, pick
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -137,6 +137,27 @@ def test_pick_drains_every_queue(jobs: list[JobSpec], concurrency: int, rnd: ran
         running.remove(rnd.choice(running))
     assert not pending and not running
     assert sorted(j.key for j in started) == sorted(j.key for j in jobs)
+
+
+@given(st.lists(st.tuples(st.lists(job_specs, max_size=6), st.integers(0, 3)), min_size=1, max_size=12),
+       st.integers(1, 4), st.randoms(use_true_random=False))
+def test_job_queue_kept_incrementally_starts_what_pick_would(
+        steps: list[tuple[list[JobSpec], int]], concurrency: int, rnd: random.Random) -> None:
+    """The scheduler keeps its queue between starts (pushes at submit, takes at each start and
+    finish); at every step it must choose exactly what :func:`pick` chooses from scratch."""
+    queue, pending, running = JobQueue(), [], []
+    for submitted, finishing in steps:
+        for job in submitted:
+            queue.push(job)
+            pending.append(job)
+        for _ in range(min(finishing, len(running))):
+            running.remove(rnd.choice(running))
+        expected = pick(pending, running, concurrency)
+        assert queue.take(running, concurrency) == expected
+        for job in expected:
+            pending.remove(job)
+            running.append(job)
+        assert len(queue) == len(pending)
 
 
 # -- Scheduler -----------------------------------------------------------------------------------
