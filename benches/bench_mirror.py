@@ -3,8 +3,8 @@
 
 Run from the repository's venv (``make bench-mirror``)::
 
-    .venv/bin/python benches/bench_mirror.py [--quick] [--repeat N] [--json FILE] [--skopeo-modes yaml,per-repo]
-                                             [--source-latency MS[+connect][,...]]
+    .venv/bin/python benches/bench_mirror.py [--quick | --scale] [--repeat N] [--json FILE]
+                                             [--skopeo-modes yaml,per-repo] [--source-latency MS[+connect][,...]]
 
 What is measured, and how it is kept fair (the conventions of ``bench_engine.py``, whose helpers this
 bench imports):
@@ -12,7 +12,9 @@ bench imports):
 * The source registry is built once and cached under ``.bench/mirror/``: 8 repositories x 6 tags of
   small images (one base layer of 8-16 MiB, shared by the two repositories built on the same base, and
   1-2 unique layers of 64 KiB-2 MiB) plus 2 large images of 128 MiB in repositories of their own;
-  ``--quick``: 4 x 3 small images and one 32 MiB image. Images come from
+  ``--quick``: 4 x 3 small images and one 32 MiB image; ``--scale``: 20 x 50 small images (1000 tags,
+  base layers of 4-8 MiB each shared by five repositories, unique layers of 8-64 KiB) and no large
+  one, to see what a plan of a thousand tags costs per image. Images come from
   :func:`blobflow.synth.build_image` with fixed seeds and are pushed into the source registry by
   ``skopeo copy``; the registry's storage directory is kept and reused by later runs.
 * The plan is the same for both tools: every repository ``bench/NAME`` of the source goes to
@@ -148,6 +150,7 @@ class Shape:
 
 FULL = Shape(8, 6, (8, 10, 12, 16), (64, 2048), ((64, 32, 16, 8, 8), (48, 40, 24, 8, 8)))
 QUICK = Shape(4, 3, (4, 6), (64, 1024), ((16, 8, 8),))
+SCALE = Shape(20, 50, (4, 5, 6, 8), (8, 64), ())
 
 
 @dataclass
@@ -591,21 +594,26 @@ def condition_table(res: Results, tools: Sequence[str], cond: Condition) -> tupl
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4 x 3 small images and one 32 MiB image, one repeat")
-    p.add_argument("--repeat", type=int, metavar="N", help="timed runs per tool and phase (default 3; --quick: 1)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="4 x 3 small images and one 32 MiB image, one repeat")
+    size.add_argument("--scale", action="store_true",
+                      help="20 x 50 small images (1000 tags), no large ones; one repeat, direct, skopeo yaml mode "
+                           "unless --repeat, --source-latency, --skopeo-modes say otherwise")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help="timed runs per tool and phase (default 3; --quick, --scale: 1)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every raw sample to FILE")
-    p.add_argument("--skopeo-modes", default=",".join(SKOPEO_MODES),
-                   help="comma-separated subset of yaml,per-repo (default: both)")
+    p.add_argument("--skopeo-modes",
+                   help="comma-separated subset of yaml,per-repo (default: both; --scale: yaml)")
     p.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
                    help="before each timed run, wait up to SECONDS for a quiet second (default 30; 0: don't)")
     p.add_argument("--source-latency", action="append", metavar="MS[+connect][,...]",
                    help="network conditions, one table each: milliseconds a proxy in front of the source adds "
                         "before each request, 0 = direct, no proxy; MS+connect: as much again before the first "
                         "request of each new connection (repeatable or comma list; default: "
-                        f"{DEFAULT_CONDITIONS})")
+                        f"{DEFAULT_CONDITIONS}; --scale: 0)")
     args = p.parse_args(argv)
     conditions: list[tuple[float, bool]] = []
-    for text in args.source_latency or [DEFAULT_CONDITIONS]:
+    for text in args.source_latency or ["0" if args.scale else DEFAULT_CONDITIONS]:
         for item in (t.strip() for t in text.split(",")):
             number, plus, word = item.partition("+")
             try:
@@ -620,12 +628,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if (ms, bool(plus)) not in conditions:
                 conditions.append((ms, bool(plus)))
     args.source_latency = conditions
-    modes = [m.strip() for m in args.skopeo_modes.split(",") if m.strip()]
+    modes_text = args.skopeo_modes or ("yaml" if args.scale else ",".join(SKOPEO_MODES))
+    modes = [m.strip() for m in modes_text.split(",") if m.strip()]
     if not modes or any(m not in SKOPEO_MODES for m in modes):
         p.error(f"--skopeo-modes takes a comma-separated subset of {','.join(SKOPEO_MODES)}")
     args.tools = ["blobflow", *(f"skopeo-{m}" for m in modes)]
     if args.repeat is None:
-        args.repeat = 1 if args.quick else 3
+        args.repeat = 1 if args.quick or args.scale else 3
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     return args
@@ -640,7 +649,7 @@ def run(args: argparse.Namespace, res: Results) -> None:
         res.machine, res.versions = machine_info(), versions()
         log(header(res, bench.runner.rss_method, skip=("curl",)))
         log("")
-        source = cached_source(bench, QUICK if args.quick else FULL)
+        source = cached_source(bench, QUICK if args.quick else SCALE if args.scale else FULL)
         res.source = {"key": source.shape.key, "images": source.images}
         src = LoggingRegistry(source.storage_root)
         src.start()
