@@ -137,6 +137,7 @@ class ImageOutcome:
     shared: int = 0
     bytes: int = 0
     converted: int = 0  # layers recompressed on the way (``convert``)
+    source_digest: str = ""  # the source's root as fetched (``digest`` differs when options rewrote it)
 
 
 async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str | None, dst: ImageEnd,
@@ -182,7 +183,8 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
             if not await retrying(ctx, str(dst), functools.partial(dst.has_blob, d)):
                 missing.append(d)
         return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs),
-                            moved=len(missing), bytes=sum(d.size for d in missing))
+                            moved=len(missing), bytes=sum(d.size for d in missing),
+                            source_digest=str(source_digest))
     futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d)) for d in blobs.values()]
     converting = {dg: ctx.scheduler.spawn(convert_layer(ctx, src, dst, d, diff, convert))  # type: ignore[arg-type]
                   for dg, (d, diff) in conversion.items()}
@@ -218,7 +220,8 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
     return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs) + len(conversion),
                         moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
-                        shared=outcomes["shared"], bytes=moved_bytes, converted=len(conversion))
+                        shared=outcomes["shared"], bytes=moved_bytes, converted=len(conversion),
+                        source_digest=str(source_digest))
 
 
 async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]]) -> T:

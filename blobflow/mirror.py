@@ -243,9 +243,13 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
     src: RegistryEnd = end(ctx, item.source)
     dst: RegistryEnd = end(ctx, item.destination)
     try:
-        source_digest = await retrying(ctx, str(src), lambda: src.manifest_digest(item.source.reference))
-        report.source_digest = str(source_digest or "")
+        # the destination first: when it lacks the tag, the source's manifest is fetched at once,
+        # without a HEAD for its digest first (a request and a round trip to the source per new image)
         dest_digest = await retrying(ctx, str(dst), lambda: dst.manifest_digest(item.destination.reference))
+        source_digest = None
+        if dest_digest is not None:
+            source_digest = await retrying(ctx, str(src), lambda: src.manifest_digest(item.source.reference))
+            report.source_digest = str(source_digest or "")
         if source_digest is not None and dest_digest is not None:
             # recompressed or some platforms only, the destination's root says what it was made
             # from; the source as it is counts only when those options would leave it so (a plan
@@ -259,7 +263,7 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
         outcome: ImageOutcome = await transfer_image(ctx, src, item.source, dst, item.destination.tag,
                                                      platforms=item.platforms, dry_run=dry_run, convert=convert)
         report.status = "would copy" if dry_run else "copied"
-        report.destination_digest = outcome.digest
+        report.source_digest, report.destination_digest = outcome.source_digest, outcome.digest
         report.bytes, report.blobs = outcome.bytes, outcome.moved
         report.skipped, report.mounted, report.shared = outcome.skipped, outcome.mounted, outcome.shared
     except BlobflowError as e:

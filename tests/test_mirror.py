@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 import sys
@@ -149,7 +150,11 @@ async def test_mirror_plan_moves_every_tag_once_then_nothing(
     for name, digest in digests.items():
         raw = await dest.inspect(f"{registry2.host}/{name.replace('lib/', 'mirror/')}")
         assert str(raw.digest) == digest, name
+    assert {i["source"].removeprefix(f"{p.host}/"): i["source_digest"] for i in report["images"]} == digests
     assert all(i["source_digest"] == i["destination_digest"] for i in report["images"])
+    # an image new at the destination costs the source one manifest GET and no HEAD before it
+    manifest_requests = collections.Counter(method for method, path, _ in p.log if "/manifests/" in path)
+    assert manifest_requests == {"GET": REPOS * TAGS}
     # every blob crossed once: the shared base layer was fetched once, then mounted
     blob_gets = [path for method, path, _ in p.log if method == "GET" and BLOB_PATH.match(path)]
     assert len(blob_gets) == len(set(blob_gets))
@@ -165,6 +170,8 @@ async def test_mirror_plan_moves_every_tag_once_then_nothing(
     assert p.counters["blob_get"] == before.get("blob_get", 0)
     assert p.counters["bytes_to_client"] - before.get("bytes_to_client", 0) < 16 * KiB  # tag lists only
     assert out.count("up to date") >= REPOS * TAGS
+    second = collections.Counter(method for method, path, _ in p.log if "/manifests/" in path) - manifest_requests
+    assert second == {"HEAD": REPOS * TAGS}
 
 
 async def test_one_broken_image_exits_3_and_the_rest_are_mirrored(
