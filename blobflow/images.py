@@ -145,8 +145,8 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
                          platforms: Sequence[str] | None = None, annotations: Mapping[str, str] | None = None,
                          dry_run: bool = False, convert: Codec | None = None) -> ImageOutcome:
     """Make the image at ``src`` present at ``dst`` under ``tag``: blobs first, then manifests,
-    children before the root. With ``dry_run`` nothing is written: the outcome says what would
-    move (blobs absent at the destination and their bytes).
+    children before the root. With ``dry_run`` nothing is written: the outcome says what the blobs
+    would do (moved, skipped, mounted, shared), a blob the job needs twice counted once, as a run would.
 
     With ``convert``, distributable tar layers not already in that codec are recompressed while
     they stream (:mod:`blobflow.transfer.convert`), verified against the config's diff_ids; the
@@ -177,15 +177,7 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     if isinstance(dst, RegistryEnd):
         preflight_sizes(ctx.config, dst.client.registry, list(blobs.values()))
     where = f"{dst}:{tag}" if tag else str(dst)
-    if dry_run:
-        missing = []
-        for d in blobs.values():
-            if not await retrying(ctx, str(dst), functools.partial(dst.has_blob, d)):
-                missing.append(d)
-        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs),
-                            moved=len(missing), bytes=sum(d.size for d in missing),
-                            source_digest=str(source_digest))
-    futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d)) for d in blobs.values()]
+    futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d, dry_run=dry_run)) for d in blobs.values()]
     converting = {dg: ctx.scheduler.spawn(convert_layer(ctx, src, dst, d, diff, convert))  # type: ignore[arg-type]
                   for dg, (d, diff) in conversion.items()}
     outcomes: Counter[str] = Counter()
@@ -201,6 +193,10 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         for d, outcome in done:  # a converted layer counts with its source size, as its progress did
             outcomes[outcome] += 1
             moved_bytes += d.size if outcome == "moved" else 0
+    if dry_run:  # what the blobs would do, each counted once in the job, as the run would
+        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs),
+                            moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
+                            shared=outcomes["shared"], bytes=moved_bytes, source_digest=str(source_digest))
     if convert is not None and not dry_run:
         converted = {dg: f.result()[0] for dg, f in converting.items()}
         kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)

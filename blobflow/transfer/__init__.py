@@ -42,15 +42,17 @@ def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Downloa
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
 
-async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor) -> Outcome:
+async def ensure_blob(ctx: Context, src: End, dst: End, desc: Descriptor, *, dry_run: bool = False) -> Outcome:
     """Make ``desc`` present at ``dst``; say how: moved, skipped (already there), mounted, or
     shared (another image of the job moved it).
 
     One transfer per destination and digest (single flight): when several repositories of one
     registry need the same blob, the first moves it and the others mount it from there.
+    With ``dry_run`` nothing is written: the outcome is what the run would do, decided by the
+    same single flight from HEADs alone, so a job's "would move" counts each blob once.
     """
     def place() -> Awaitable[tuple[str, Outcome]]:
-        return _place(ctx, src, dst, desc)
+        return _predict(ctx, src, dst, desc) if dry_run else _place(ctx, src, dst, desc)
 
     (landed, outcome), ran = await ctx.scheduler.submit_first((dst.key, desc.digest), desc.size, place)
     if landed != dst.location:
@@ -95,13 +97,32 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[st
     return dst.location, outcome
 
 
-async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool:
+async def _predict(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[str, Outcome]:
+    """What :func:`_place` would do, from a HEAD: skip, mount (another repository of the registry
+    holds it or will), or move."""
+    cfg = ctx.config
+    present = await with_retries(lambda: dst.has_blob(desc), retries=cfg.retries, base=cfg.backoff_base,
+                                 cap=cfg.backoff_cap, emit=ctx.emit, what=str(dst), digest=desc.digest.short)
+    outcome: Outcome = "skipped" if present else "moved"
+    if isinstance(dst, RegistryEnd):
+        if not present and _mount_sources(ctx, src, dst, desc):
+            outcome = "mounted"
+        ctx.remember(dst.client.registry, desc.digest, dst.repository)
+    return dst.location, outcome
+
+
+def _mount_sources(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> list[str]:
+    """The other repositories of ``dst``'s registry known to hold ``desc``: this job's, the source's."""
     registry = dst.client.registry
     candidates = list(ctx.locations.get((registry, desc.digest), []))
     if isinstance(src, RegistryEnd) and src.client.registry == registry:
         candidates.append(src.repository)
-    for repo in dict.fromkeys(candidates):
-        if repo != dst.repository and await dst.client.mount_blob(dst.repository, desc.digest, repo):
+    return [repo for repo in dict.fromkeys(candidates) if repo != dst.repository]
+
+
+async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool:
+    for repo in _mount_sources(ctx, src, dst, desc):
+        if await dst.client.mount_blob(dst.repository, desc.digest, repo):
             ctx.emit(Event("mounted", desc.digest.short, size=desc.size, target=str(dst), detail=repo))
             return True
     return False
