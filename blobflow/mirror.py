@@ -23,7 +23,6 @@ Everything here but :func:`run_mirror` is pure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import time
@@ -274,11 +273,17 @@ async def _mirror_one(ctx: Context, item: MirrorItem, end: Any, *, dry_run: bool
 
 
 async def _settled(futures: Sequence[asyncio.Future[T]]) -> list[T]:
-    """The futures' results in order, leaving out the cancelled ones (a job being interrupted)."""
+    """The futures' results in order, leaving out the ones cancelled under us. When this task is
+    the one being cancelled (Ctrl-C, SIGTERM), that goes on up: swallowing it kept an interrupted
+    mirror running to its end, then failing with an internal error instead of exiting 130."""
     results = []
     for fut in futures:
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             results.append(await fut)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
     return results
 
 

@@ -188,7 +188,8 @@ class Scheduler:
 
     def spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:
         """Run other work of this job (one image of a mirror) as a task; its outcome goes to the future,
-        so one failure does not cancel the rest of the job."""
+        so one failure does not cancel the rest of the job. Cancelling the future (as a waiter
+        does when it is cancelled while awaiting it) cancels the work."""
         assert self._tg is not None, "Scheduler used outside 'async with'"
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
@@ -199,11 +200,14 @@ class Scheduler:
                 fut.cancel()
                 raise
             except BaseException as e:
-                fut.set_exception(e)
+                if not fut.done():
+                    fut.set_exception(e)
             else:
-                fut.set_result(result)
+                if not fut.done():
+                    fut.set_result(result)
 
-        self._tg.create_task(run())
+        task = self._tg.create_task(run())
+        fut.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
         return fut
 
     async def parallel(self, factories: Sequence[Callable[[], Awaitable[T]]], *, limit: int,

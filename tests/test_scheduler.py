@@ -338,6 +338,28 @@ async def test_spawn_failure_does_not_cancel_siblings() -> None:
     assert gate.cancelled == []
 
 
+async def test_a_spawned_future_cancelled_by_its_waiter_cancels_its_work() -> None:
+    """A task awaiting a spawned future and cancelled meanwhile (Ctrl-C reaching a mirror entry
+    that waits for its images) cancels that future. The work behind it stops, and when the block
+    ends nothing tries to set the cancelled future's result (which failed the whole job)."""
+    gate = Gate()
+    async with Scheduler(2) as sched:
+        fut = sched.spawn(gate.job("image")())
+
+        async def wait() -> object:
+            return await fut
+
+        waiter = asyncio.create_task(wait())
+        await gate.wait_running(1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert fut.cancelled()
+        await settle()
+        gate.release.set()
+    assert gate.cancelled == ["image"]
+
+
 async def test_parallel_runs_within_limit_and_keeps_order() -> None:
     gate = Gate()
     async with Scheduler(1) as sched:
