@@ -40,6 +40,14 @@ def _run_registry(root: Path, *, htpasswd: Path | None = None) -> Iterator[Local
         registry.stop()
 
 
+@pytest.fixture(autouse=True)
+def _state_home_of_its_own(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs that are not given ``--state-dir`` keep their resume records and mount hints under
+    ``$XDG_STATE_HOME``: each test gets its own, never the user's and never another test's (a
+    registry started on a port an earlier test's registry had would meet that one's hints)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
     """A running registry with its own storage, without auth."""
