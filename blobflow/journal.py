@@ -11,6 +11,10 @@ One small JSON file per blob in flight under the state dir (``--state-dir``, def
 
 Records are replaced atomically (temp + rename). A record that does not parse, or that names
 another blob, size or file, is discarded with a warning, never trusted.
+
+Beside the records, :class:`KnownLocations` remembers which repositories of a registry earlier
+jobs put each blob in: mount sources for a later job, so the re-run of a killed mirror (or a
+push to a new repository) mounts what is already in the registry instead of sending it again.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from typing import Any
 
 import xxhash
 
-from .types import Digest
+from .errors import InvalidDigestError
+from .types import Digest, is_repository
 
-__all__ = ["DownloadRecord", "Journal", "UploadRecord", "default_state_dir", "range_checksum"]
+__all__ = ["DownloadRecord", "Journal", "KnownLocations", "UploadRecord", "default_state_dir", "range_checksum"]
 
 _VERSION = 1
 
@@ -108,9 +113,70 @@ class UploadRecord:
             self._lock = -1
 
 
+class KnownLocations:
+    """Repositories of each registry that jobs put a blob in (sent, mounted or found there).
+
+    One append-only file of JSON lines per registry under ``locations/``, read once per job. A
+    hint, never trusted: a mount from a repository that no longer holds the blob is declined by
+    the registry and the blob is sent. Lines that do not parse are skipped; a file grown past
+    :attr:`MAX_BYTES` is started afresh (the hints of the job reading it stay in memory).
+    """
+
+    MAX_BYTES = 8 << 20
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "locations"
+        self._tables: dict[str, dict[str, list[str]]] = {}
+
+    def get(self, registry: str, digest: Digest) -> list[str]:
+        """Repositories of ``registry`` known to hold ``digest``, latest first."""
+        return self._table(registry).get(str(digest), [])[::-1]
+
+    def add(self, registry: str, digest: Digest, repository: str) -> None:
+        repos = self._table(registry).setdefault(str(digest), [])
+        if repository in repos:
+            return
+        repos.append(repository)
+        line = json.dumps({"digest": str(digest), "repository": repository}) + "\n"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self._file(registry), "a", encoding="utf-8") as f:  # one short write: whole lines
+                f.write(line)
+        except OSError:
+            pass  # a hint is never worth failing a transfer for
+
+    def _file(self, registry: str) -> Path:
+        return self.root / f"{_key(registry)}.jsonl"
+
+    def _table(self, registry: str) -> dict[str, list[str]]:
+        table = self._tables.get(registry)
+        if table is not None:
+            return table
+        table = self._tables[registry] = {}
+        file = self._file(registry)
+        try:
+            text = file.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return table
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                digest, repository = str(Digest.parse(entry["digest"])), entry["repository"]
+            except (ValueError, TypeError, KeyError, InvalidDigestError):
+                continue  # a torn or foreign line
+            if isinstance(repository, str) and is_repository(repository):
+                repos = table.setdefault(digest, [])
+                if repository not in repos:
+                    repos.append(repository)
+        if len(text) > self.MAX_BYTES:
+            file.unlink(missing_ok=True)
+        return table
+
+
 class Journal:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_state_dir()
+        self.locations = KnownLocations(self.root)
 
     def download(self, destination: Path, digest: Digest, size: int, partial: Path) -> DownloadRecord:
         """The record for ``digest`` downloading to ``destination`` (empty when there is none)."""

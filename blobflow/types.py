@@ -118,6 +118,11 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 
 
+def is_repository(name: str) -> bool:
+    """``name`` is a repository path (``library/alpine``) as references spell it."""
+    return bool(name) and len(name) <= _MAX_NAME and all(_REPO_COMPONENT.fullmatch(p) for p in name.split("/"))
+
+
 @dataclass(frozen=True, slots=True)
 class Reference:
     """``[registry[:port]/]repo[:tag][@digest]``, normalised as docker does."""

@@ -27,8 +27,11 @@ from aiohttp import web
 from conftest import AUTH_PASSWORD, AUTH_USER, CheckLayout, Cli, CliResult, FakeHandler, MakeFakeRegistry, MakeProxy
 
 import blobflow
+from blobflow.journal import Journal
 from blobflow.localreg import LocalRegistry
 from blobflow.synth import build_image
+from blobflow.transfer import HINT_MISSES
+from blobflow.types import Digest
 
 KiB, MiB = 1024, 1024 * 1024
 ACCEPT = ", ".join([
@@ -527,6 +530,57 @@ async def test_copy_within_registry_mounts(registry: LocalRegistry, repo_name: s
     assert (result.mounted, result.bytes, result.skipped) == (len(blobs), 0, 0)
     assert manifest_digest_at(registry, f"{repo_name}/b", "v1") == str(desc.digest)
     assert all(blob_status(registry, f"{repo_name}/b", d) == 200 for d in blobs)
+
+
+async def test_a_later_job_mounts_what_an_earlier_one_pushed(registry: LocalRegistry, proxy: MakeProxy,
+                                                             cli: Cli, repo_name: str, tmp_path: Path) -> None:
+    """Two pushes, one process each, of images sharing a base layer into two repositories: the
+    second mounts the base from the first's repository (a hint the first left in the state dir)
+    instead of sending it again. The same holds for the re-run of a killed mirror."""
+    src = tmp_path / "src"
+    first = build_image(src, "a", [32 * KiB], seed=91, base_layers=[2 * MiB], base_seed=9)
+    second = build_image(src, "b", [48 * KiB], seed=92, base_layers=[2 * MiB], base_seed=9)
+    base = image_blobs(src, str(first.digest))[1]
+    assert base == image_blobs(src, str(second.digest))[1]
+    p = await proxy(registry)
+    push = ("push", "--plain-http", "--state-dir", str(tmp_path / "state"), "--tag")
+    pushed = await cli(*push, "a", str(src), f"{p.host}/{repo_name}/a:v1")
+    assert pushed.returncode == 0, pushed.stderr
+    before = len(p.log)
+
+    pushed = await cli(*push, "b", str(src), f"{p.host}/{repo_name}/b:v1")
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert "1 mounted" in pushed.stdout
+    second_run = p.log[before:]
+    assert ("POST", f"/v2/{repo_name}/b/blobs/uploads/?mount={base}&from={repo_name}/a", 201) in second_run
+    assert base not in committed_blobs(second_run)
+    assert manifest_digest_at(registry, f"{repo_name}/b", "v1") == str(second.digest)
+
+
+async def test_stale_mount_hints_cost_a_few_declined_mounts_and_the_blobs_are_sent(
+        registry: LocalRegistry, proxy: MakeProxy, cli: Cli, repo_name: str, tmp_path: Path) -> None:
+    """Hints naming a repository that does not hold the blobs (a registry wiped since, a repository
+    deleted): each mount tried is declined and the blob is uploaded; after HINT_MISSES declines in
+    a row the job stops trying hints, and the push succeeds."""
+    src = tmp_path / "src"
+    desc = build_image(src, "v1", [8 * KiB + i for i in range(8)], seed=93)
+    blobs = image_blobs(src, str(desc.digest))
+    p = await proxy(registry)
+    state = tmp_path / "state"
+    for blob in blobs:
+        Journal(state).locations.add(p.host, Digest.parse(blob), f"{repo_name}/gone")
+
+    # one blob at a time, so the count of mounts tried is exact
+    pushed = await cli("push", "--plain-http", "--concurrency", "1", "--state-dir", str(state), str(src),
+                       f"{p.host}/{repo_name}/x:v1")
+
+    assert pushed.returncode == 0, pushed.stderr
+    mounts = [(path, status) for method, path, status in p.log if method == "POST" and "mount=" in path]
+    assert len(mounts) == HINT_MISSES < len(blobs)
+    assert all(f"&from={repo_name}/gone" in path and status == 202 for path, status in mounts)
+    assert committed_blobs(p.log) == dict.fromkeys(blobs, 1)
+    assert manifest_digest_at(registry, f"{repo_name}/x", "v1") == str(desc.digest)
 
 
 async def test_blob_up_to_the_monolithic_threshold_goes_whole_in_one_put(

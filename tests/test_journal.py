@@ -112,3 +112,34 @@ def test_a_resumed_session_has_spent_part_of_its_window() -> None:
     ticket = UploadTicket("ghcr.io", D1, 1000, 600.0, clock=lambda: now[0])
     ticket.session_resumed(120.0, 400)
     assert ticket.started == 880.0 and ticket.sent == 400
+
+
+def test_known_locations_outlive_the_job_latest_first(tmp_path: Path) -> None:
+    first = Journal(tmp_path).locations
+    first.add("reg:5000", D1, "lib/a")
+    first.add("reg:5000", D1, "lib/b")
+    first.add("reg:5000", D1, "lib/a")  # known already: not written twice
+    first.add("other:5000", D2, "lib/c")
+    later = Journal(tmp_path).locations  # a later job reads them back
+    assert later.get("reg:5000", D1) == ["lib/b", "lib/a"]
+    assert later.get("reg:5000", D2) == []
+    assert later.get("other:5000", D2) == ["lib/c"]
+    files = list((tmp_path / "locations").iterdir())
+    assert sum(len(f.read_text().splitlines()) for f in files) == 3
+
+
+def test_known_locations_skip_what_does_not_parse_and_start_over_when_too_large(tmp_path: Path) -> None:
+    good = Journal(tmp_path).locations
+    good.add("reg:5000", D1, "lib/a")
+    file = next((tmp_path / "locations").iterdir())
+    with open(file, "a") as f:
+        f.write('{"digest": "sha256:12", "repository": "lib/b"}\n')  # not a digest
+        f.write(json.dumps({"digest": str(D1), "repository": "../../etc"}) + "\n")  # not a repository
+        f.write(json.dumps({"digest": str(D1), "repository": "UPPER/case"}) + "\n")
+        f.write('{"digest": "sha256:' + "3" * 64 + '", "repo')  # torn by a crash
+    assert Journal(tmp_path).locations.get("reg:5000", D1) == ["lib/a"]
+
+    big = Journal(tmp_path).locations
+    big.MAX_BYTES = 10
+    assert big.get("reg:5000", D1) == ["lib/a"]  # read, kept for this job ...
+    assert not file.exists()  # ... and the file started afresh

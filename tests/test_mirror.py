@@ -237,16 +237,17 @@ async def test_dry_run_writes_nothing(
     await _populate(registry, layouts, tmp_path)
     plan = _plan(tmp_path / "plan.toml", registry.host, registry2.host)
     code, out, err = await _mirror(plan, "--dry-run", "--report", str(tmp_path / "dry.json"),
-                                   "--state-dir", str(tmp_path / "state"))
+                                   "--state-dir", str(tmp_path / "mirror-state"))
     assert code == 0, err
     assert out.count("would copy") == REPOS * TAGS
+    assert not (tmp_path / "mirror-state" / "locations").exists()  # a guess is no mount hint for later jobs
     with pytest.raises(blobflow.NotFoundError):
         await blobflow.Client(blobflow.EngineConfig(plain_http=True)).inspect(f"{registry2.host}/mirror/app0:1.0")
 
     # what it said would move is what moves: the base layer all 40 images share counts once, and
     # is mounted into the other repositories, not counted again in each image
     code, out, err = await _mirror(plan, "--report", str(tmp_path / "real.json"),
-                                   "--state-dir", str(tmp_path / "state"))
+                                   "--state-dir", str(tmp_path / "mirror-state"))
     assert code == 0, err
     dry, real = (json.loads((tmp_path / name).read_text())["images"] for name in ("dry.json", "real.json"))
     for key in ("bytes", "blobs", "skipped", "mounted", "shared"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from ..errors import BadInputError
+from ..errors import BadInputError, BlobflowError
 from ..progress import Event
 from ..retry import with_retries
 from ..types import Descriptor
@@ -15,6 +15,7 @@ from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, S
 from .upload import Push, file_opener
 
 __all__ = [
+    "HINT_MISSES",
     "Context",
     "End",
     "FileEnd",
@@ -105,24 +106,44 @@ async def _predict(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[
                                  cap=cfg.backoff_cap, emit=ctx.emit, what=str(dst), digest=desc.digest.short)
     outcome: Outcome = "skipped" if present else "moved"
     if isinstance(dst, RegistryEnd):
-        if not present and _mount_sources(ctx, src, dst, desc):
+        if not present and any(_mount_sources(ctx, src, dst, desc)):
             outcome = "mounted"
-        ctx.remember(dst.client.registry, desc.digest, dst.repository)
+        ctx.remember(dst.client.registry, desc.digest, dst.repository, written=False)
     return dst.location, outcome
 
 
-def _mount_sources(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> list[str]:
-    """The other repositories of ``dst``'s registry known to hold ``desc``: this job's, the source's."""
+HINTS_TRIED = 2  # remembered repositories tried per blob: a stale one costs a declined mount
+HINT_MISSES = 4  # declined hint mounts in a row after which a job stops trying a registry's hints
+
+
+def _mount_sources(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> tuple[list[str], list[str]]:
+    """The other repositories of ``dst``'s registry to mount ``desc`` from: those known to hold it
+    (this job put it there, or the source is there), and hints that earlier jobs left in the state dir."""
     registry = dst.client.registry
-    candidates = list(ctx.locations.get((registry, desc.digest), []))
+    known = list(ctx.locations.get((registry, desc.digest), []))
     if isinstance(src, RegistryEnd) and src.client.registry == registry:
-        candidates.append(src.repository)
-    return [repo for repo in dict.fromkeys(candidates) if repo != dst.repository]
+        known.append(src.repository)
+    known = [repo for repo in dict.fromkeys(known) if repo != dst.repository]
+    hints: list[str] = []
+    if ctx.hint_misses.get(registry, 0) < HINT_MISSES:
+        hints = [repo for repo in ctx.journal.locations.get(registry, desc.digest)
+                 if repo != dst.repository and repo not in known][:HINTS_TRIED]
+    return known, hints
 
 
 async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool:
-    for repo in _mount_sources(ctx, src, dst, desc):
-        if await dst.client.mount_blob(dst.repository, desc.digest, repo):
+    known, hints = _mount_sources(ctx, src, dst, desc)
+    registry = dst.client.registry
+    for repo in known + hints:
+        try:
+            mounted = await dst.client.mount_blob(dst.repository, desc.digest, repo)
+        except BlobflowError:
+            if repo in known:
+                raise
+            mounted = False  # a remembered repository that is gone, or that these credentials cannot read
+        if repo in hints:
+            ctx.hint_misses[registry] = 0 if mounted else ctx.hint_misses.get(registry, 0) + 1
+        if mounted:
             ctx.emit(Event("mounted", desc.digest.short, size=desc.size, target=str(dst), detail=repo))
             return True
     return False

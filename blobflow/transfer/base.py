@@ -31,6 +31,9 @@ class Context:
     journal: Journal = field(init=False)
     # repositories of each registry known to hold a blob: the sources of cross-repository mounts
     locations: dict[tuple[str, Digest], list[str]] = field(default_factory=dict)
+    # mounts from an earlier job's hints that the registry declined since one last worked: past a
+    # few (a registry wiped since, a repository deleted) the job stops trying them
+    hint_misses: dict[str, int] = field(default_factory=dict)
     # limits a registry taught this job by refusing a request as too large (413, GHCR's 416)
     learned: dict[str, RegistryLimits] = field(default_factory=dict)
     _limit_notes: dict[tuple[str, bool], str] = field(default_factory=dict, init=False, repr=False)
@@ -70,10 +73,14 @@ class Context:
         self._limit_notes[registry, ranged] = note
         return True
 
-    def remember(self, registry: str, digest: Digest, repository: str) -> None:
+    def remember(self, registry: str, digest: Digest, repository: str, *, written: bool = True) -> None:
+        """``repository`` of ``registry`` holds ``digest``: a mount source for the rest of the job,
+        and, ``written`` (not a dry run's guess), for later jobs through the state dir."""
         repos = self.locations.setdefault((registry, digest), [])
         if repository not in repos:
             repos.append(repository)
+        if written:
+            self.journal.locations.add(registry, digest, repository)
 
 
 def _size(n: int) -> str:
