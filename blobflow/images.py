@@ -193,11 +193,16 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         for d, outcome in done:  # a converted layer counts with its source size, as its progress did
             outcomes[outcome] += 1
             moved_bytes += d.size if outcome == "moved" else 0
+
+    def result(root: RawManifest) -> ImageOutcome:
+        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1,
+                            len(blobs) + len(conversion), moved=outcomes["moved"], skipped=outcomes["skipped"],
+                            mounted=outcomes["mounted"], shared=outcomes["shared"], bytes=moved_bytes,
+                            converted=len(conversion), source_digest=str(source_digest))
+
     if dry_run:  # what the blobs would do, each counted once in the job, as the run would
-        return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs),
-                            moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
-                            shared=outcomes["shared"], bytes=moved_bytes, source_digest=str(source_digest))
-    if convert is not None and not dry_run:
+        return result(root)
+    if convert is not None:
         converted = {dg: f.result()[0] for dg, f in converting.items()}
         kept = {d.digest for m in manifests if not m.is_index for d in m.blobs()[1:]} - set(converted)
         root, below = rewrite_manifests(root, below, converted, convert)
@@ -214,10 +219,7 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     if isinstance(dst, LayoutEnd):
         dst.set_tag(tag, root)
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
-    return ImageOutcome(str(src_ref or src), where, str(root.digest), len(below) + 1, len(blobs) + len(conversion),
-                        moved=outcomes["moved"], skipped=outcomes["skipped"], mounted=outcomes["mounted"],
-                        shared=outcomes["shared"], bytes=moved_bytes, converted=len(conversion),
-                        source_digest=str(source_digest))
+    return result(root)
 
 
 async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
