@@ -43,18 +43,13 @@ lint: setup ## ruff and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# benches time process start-up: byte-compile what changed since setup, or every timed run of
-# blobflow would compile it again in memory (PYTHONDONTWRITEBYTECODE)
 bench: setup ## blobflow vs skopeo: pull, push, copy of a 1 GiB image
-	$(PY) -m compileall -q blobflow
 	$(PY) benches/bench_engine.py
 
 bench-quick: setup ## the same bench, small image, one repeat
-	$(PY) -m compileall -q blobflow
 	$(PY) benches/bench_engine.py --quick
 
 bench-mirror: setup ## blobflow mirror vs skopeo sync: 48 small images sharing layers + 2 large
-	$(PY) -m compileall -q blobflow
 	$(PY) benches/bench_mirror.py
 
 bench-registry: setup ## blobflow bench sweep on a local registry -> docs/bench-registry.{json,png}

@@ -98,6 +98,7 @@ from bench_engine import (
     Bench,
     BenchError,
     Runner,
+    byte_compile_blobflow,
     child_env,
     fmt_s,
     header,
@@ -663,7 +664,7 @@ def run(args: argparse.Namespace, res: Results) -> None:
         warmed = read_files([src.storage])
         log(f"source registry {src.host} ({source.storage_root.relative_to(REPO_ROOT)}): {len(source.images)} tags, "
             f"{source.unique_bytes / MiB:.0f} MiB distinct; page cache warmed ({warmed / MiB:.0f} MiB read)")
-        log(f"blobflow runs as: {shlex.join(bench.blobflow)}")
+        log(f"blobflow runs as: {shlex.join(bench.blobflow)}; {byte_compile_blobflow()}")
 
         conditions = [start_condition(bench, src, source, ms, connect=connect) for ms, connect in args.source_latency]
         res.conditions = [c.describe() for c in conditions]
