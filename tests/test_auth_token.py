@@ -143,6 +143,9 @@ async def test_token_refused_by_the_registry_is_replaced_once_mid_transfer(
     assert ("PATCH", 401) in refused, f"no chunk met a dead token: {front.log}"
     assert pushed.blobs == 2
 
+    # A token lives at most 1.5 s from the pull's first request, and four ranges are in flight at
+    # once, so the later ranges must be asked for well after that: at 250 kB/s, from about 2 s on.
+    front.faults = Faults(bandwidth=250_000)
     before = len(front.log)
     pulled = await client.pull(f"{front.host}/team/revoked:v1", tmp_path / "out")
     assert pulled.blobs == 2
