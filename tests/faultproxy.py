@@ -339,6 +339,8 @@ class FaultProxy:
                 request.method, target, headers=headers, data=body, allow_redirects=False
             )
         except (aiohttp.ClientError, _CutRequest) as exc:
+            if session is not None:  # the request ended here, cut or abandoned: the session was in use until now
+                session.last = loop.time()
             if state.expired:
                 self.counters[state.expired] += 1
                 if state.session is not None and state.expired == "session_window_cuts":

@@ -115,6 +115,8 @@ async def test_session_window_expires_sessions_and_cuts_bodies(registry: LocalRe
     assert fault_proxy.counters["session_window_cuts"] == 1
     assert fault_proxy.counters["expired_requests"] == 1
     assert all(s.expired and not s.committed for s in fault_proxy.sessions.values())
+    cut = next(s for s in fault_proxy.sessions.values() if s.bytes > 0)
+    assert cut.last - cut.started >= 0.5, "a session cut mid-body was in use until the cut"
 
 
 # -- N layers that fit alone but not all at once --------------------------------------------------
