@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import getpass
 import json
 import os
@@ -534,7 +535,10 @@ def _failure(e: Exception) -> tuple[str, int]:
     if isinstance(e, BlobflowError):
         return str(e), e.exit_code
     if isinstance(e, OSError):  # the local disk: full, read-only, a path gone from under the job
-        return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e), EXIT_FAILED
+        text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # what was written and journalled is kept
+            text += "; make room and run the same command again to resume"
+        return text, EXIT_FAILED
     return f"internal error: {type(e).__name__}: {e} (run with -v for details)", EXIT_FAILED
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import DigestMismatchError, LayoutError, ManifestError
 from .types import INDEX_TYPES, MEDIA_OCI_INDEX, Descriptor, Digest
 
-__all__ = ["REF_NAME", "BlobWriter", "Layout"]
+__all__ = ["REF_NAME", "BlobWriter", "Layout", "name_os_errors"]
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
@@ -59,6 +59,18 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def name_os_errors(path: Path) -> Iterator[None]:
+    """Give an OSError of a call on a descriptor (``pwrite``, ``fsync``: no file name of its own)
+    the file it was about, so "No space left on device" says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -99,9 +111,10 @@ class BlobWriter:
             self.temp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial")
             self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         if not self.reused:
-            os.ftruncate(self.fd, 0)
-            if size:
-                os.ftruncate(self.fd, size)
+            with name_os_errors(self.temp):
+                os.ftruncate(self.fd, 0)
+                if size:
+                    os.ftruncate(self.fd, size)
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Blocking write; call from a worker thread for large buffers.
@@ -111,10 +124,11 @@ class BlobWriter:
         """
         start = offset
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-        _start_writeback(self.fd, start, len(data))
+        with name_os_errors(self.temp):
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+            _start_writeback(self.fd, start, len(data))
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
@@ -124,7 +138,8 @@ class BlobWriter:
         if verified != self.digest:
             self.abort()
             raise DigestMismatchError(f"blob {self.digest.short}: received bytes have digest {verified.short}")
-        os.fsync(self.fd)
+        with name_os_errors(self.temp):
+            os.fsync(self.fd)
         os.replace(self.temp, self.final)
         os.close(self.fd)
         self.fd = -1

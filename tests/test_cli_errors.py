@@ -9,10 +9,12 @@ in front of the real registry.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
 import re
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -195,6 +197,56 @@ async def test_local_paths_that_cannot_be_written_say_so_without_internal_error(
     assert f"cannot create an OCI image layout at {afile / 'out'}: Not a directory" in line
     line = assert_one_line_error(results["blob get"], 1)
     assert "internal error" not in line and "Not a directory" in line and str(afile) in line
+
+
+async def test_a_blob_the_disk_refuses_is_named_and_the_same_command_then_finishes(
+        registry: LocalRegistry, tmp_path: Path, check_layout: CheckLayout) -> None:
+    """A write the filesystem refuses mid-pull (here a file-size limit, RLIMIT_FSIZE: a full disk
+    cannot be made without privileges) names the file: ``pwrite`` errors carry no name of their
+    own, and the line was a bare "File too large" / "No space left on device"."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [2 * MiB, 8 * KiB], seed=7)
+    await blobflow.Client(blobflow.EngineConfig(plain_http=True)).push(src, f"{registry.host}/r:v1")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "blobflow", "pull", f"{registry.host}/r:v1", str(out)]
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 * MiB, resource.RLIM_INFINITY))
+
+    proc = await asyncio.create_subprocess_exec(*argv, preexec_fn=limit_file_size, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await proc.communicate()
+    line = assert_one_line_error(CliResult(proc.returncode or 0, stdout.decode(), stderr.decode()), 1)
+    assert "internal error" not in line and line.endswith(".partial: File too large"), line
+    assert str(out / "blobs" / "sha256") in line
+    tags = json.loads((out / "index.json").read_text())["manifests"] if (out / "index.json").exists() else []
+    assert tags == [], "a tag was written for an image whose layer never landed"
+
+    again = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await again.communicate()
+    assert again.returncode == 0, stderr.decode()
+    check_layout(out)
+
+
+async def test_a_layer_file_that_cannot_be_read_is_named(registry: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
+    """Reads of a layer go through ``pread`` on a descriptor, whose errors name no file."""
+    layout = tmp_path / "layout"
+    build_image(layout, "v1", [300 * KiB], seed=8)
+    layer = max((layout / "blobs" / "sha256").iterdir(), key=lambda f: f.stat().st_size)
+    layer.unlink()
+    layer.mkdir()  # opens, then every read fails (EISDIR), as a failing disk's EIO would
+    line = assert_one_line_error(await cli("push", str(layout), f"{registry.host}/r:v1"), 1)
+    assert line == f"blobflow: {layer}: Is a directory"
+
+
+def test_a_full_disk_says_where_and_that_the_same_command_resumes() -> None:
+    from blobflow.cli import _failure
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/blobs/sha256/.abc.partial")
+    assert _failure(full) == ("/data/out/blobs/sha256/.abc.partial: No space left on device; make room and run "
+                              "the same command again to resume", 1)
+    too_large = OSError(errno.EFBIG, os.strerror(errno.EFBIG), "/mnt/fat32/x")
+    assert _failure(too_large) == ("/mnt/fat32/x: File too large", 1)  # making room would not help
 
 
 # -- digests that are not algorithm:hex of the right length ---------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import RegistryLimits
 from ..deadline import UploadTicket
 from ..errors import BlobflowError, DigestMismatchError, NotFoundError, RegistryError, TransferError
+from ..layout import name_os_errors
 from ..plan import Strategy, choose_upload, refused_body_limit
 from ..progress import Event
 from ..registry import Upload
@@ -39,7 +40,8 @@ def file_opener(path: Path, read_size: int) -> Opener:
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             while True:
-                data = await asyncio.to_thread(os.pread, fd, read_size, offset)
+                with name_os_errors(path):
+                    data = await asyncio.to_thread(os.pread, fd, read_size, offset)
                 if not data:
                     return
                 offset += len(data)
