@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ AUTH_USER = "alice"
 AUTH_PASSWORD = "wonderland-s3cret"
 
 MakeProxy = Callable[..., Awaitable[FaultProxy]]
+
+
+def sigint_as_at_a_terminal() -> None:
+    """``preexec_fn`` for a CLI the test will interrupt: SIGINT at its default, as a command typed
+    at a terminal has it. A suite started in the background by a non-interactive shell passes
+    SIGINT on ignored, and Python then never installs its Ctrl-C handler: the command would run to
+    the end and exit 0 (two interrupt tests failed so when ``.ci/run`` was started with ``&``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _run_registry(root: Path, *, htpasswd: Path | None = None) -> Iterator[LocalRegistry]:

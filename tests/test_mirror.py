@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import MakeProxy
+from conftest import MakeProxy, sigint_as_at_a_terminal
 from faultproxy import BLOB_PATH, Faults
 
 import blobflow
@@ -269,7 +269,7 @@ async def test_an_interrupted_mirror_stops_exits_130_and_the_same_command_resume
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "blobflow", "mirror", "--plain-http", "--state-dir", str(state),
         str(_plan(tmp_path / "slow.toml", slow.host, registry2.host)),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=sigint_as_at_a_terminal)
     while slow.counters["bytes_to_client"] < 200 * KiB and proc.returncode is None:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
     proc.send_signal(sig)

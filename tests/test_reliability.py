@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import MakeProxy
+from conftest import MakeProxy, sigint_as_at_a_terminal
 from faultproxy import Faults
 
 import blobflow
@@ -278,7 +278,7 @@ async def test_interrupt_exits_130_keeps_the_journal_and_the_same_command_resume
     out, state = tmp_path / "out", tmp_path / "state"
     cmd = _cli("pull", "--plain-http", "--state-dir", str(state), f"{p.host}/rel/app:v1", str(out))
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.PIPE)
+                                                stderr=asyncio.subprocess.PIPE, preexec_fn=sigint_as_at_a_terminal)
     await _bytes_when(p.counters, "bytes_to_client", int(0.5 * size), proc)
     proc.send_signal(sig)
     _, stderr = await proc.communicate()
