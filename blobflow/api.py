@@ -27,7 +27,6 @@ from .images import (
     fetch_root,
     holds_image,
     preflight_sizes,
-    retrying,
     transfer_image,
 )
 from .layout import Layout
@@ -35,7 +34,7 @@ from .mirror import MirrorPlan, MirrorResult, load_plan, run_mirror
 from .progress import Event, Listener, Stats
 from .registry import Credentials, RegistryPool
 from .scheduler import Scheduler
-from .transfer import Context, FileEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
+from .transfer import Context, FileEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob, retrying
 from .types import Descriptor, Digest, Reference
 
 __all__ = ["Client", "ImageResult", "Platform", "Result"]

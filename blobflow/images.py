@@ -12,24 +12,22 @@ import contextlib
 import functools
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from .codec import Codec
 from .config import EngineConfig
 from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError
 from .progress import Event
-from .retry import with_retries
-from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob
+from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob, retrying
 from .transfer.convert import Conversion, convert_layer, plan_conversion, rewrite_manifests
 from .types import Descriptor, Digest, Reference
 
 __all__ = ["CONVERTED_FROM", "CONVERTED_TO", "PLATFORMS", "PLATFORMS_FROM", "ImageOutcome", "Platform",
            "check_annotations", "collect", "fetch_root", "holds_image", "preflight_sizes",
-           "retrying", "transfer_image"]
+           "transfer_image"]
 
-T = TypeVar("T")
 GHCR_DESCRIPTION_MAX = 512
 GHCR_LICENSES_MAX = 256
 # a root that recompression or a platform selection made differs from the source's; it records
@@ -220,12 +218,6 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         dst.set_tag(tag, root)
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
     return result(root)
-
-
-async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-    cfg = ctx.config
-    return await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
-                              emit=ctx.emit, what=what)
 
 
 def made_of(source: Digest, convert: Codec | None, platforms: Sequence[Platform] | None) -> dict[str, str]:

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 
 from .codec import Codec
 from .errors import BadInputError, BlobflowError
-from .images import ImageOutcome, holds_image, retrying, transfer_image
-from .transfer import Context, RegistryEnd
+from .images import ImageOutcome, holds_image, transfer_image
+from .transfer import Context, RegistryEnd, retrying
 from .types import Reference
 
 __all__ = ["MirrorEntry", "MirrorItem", "MirrorPlan", "load_plan", "run_mirror", "select_tags", "shard_of"]

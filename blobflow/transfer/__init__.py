@@ -6,9 +6,8 @@ from collections.abc import Awaitable
 
 from ..errors import BadInputError, BlobflowError
 from ..progress import Event
-from ..retry import with_retries
 from ..types import Descriptor
-from .base import Context, Outcome
+from .base import Context, Outcome, retrying
 from .copy import registry_opener
 from .download import Download
 from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, StreamEnd
@@ -27,6 +26,7 @@ __all__ = [
     "StreamEnd",
     "ensure_blob",
     "make_transfer",
+    "retrying",
 ]
 
 
@@ -82,11 +82,9 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[st
         await mover.run()
         ctx.emit(Event("blob_done", digest, size=desc.size, target=str(dst)))
 
-    cfg = ctx.config
     try:
-        await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
-                           emit=ctx.emit, what=str(dst), digest=digest,
-                           progress=lambda: mover.progress if mover is not None else 0)
+        await retrying(ctx, str(dst), attempt, digest=digest,
+                       progress=lambda: mover.progress if mover is not None else 0)
     except BaseException:
         ctx.emit(Event("failed", digest, size=desc.size, target=str(dst)))
         raise
@@ -101,9 +99,7 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[st
 async def _predict(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[str, Outcome]:
     """What :func:`_place` would do, from a HEAD: skip, mount (another repository of the registry
     holds it or will), or move."""
-    cfg = ctx.config
-    present = await with_retries(lambda: dst.has_blob(desc), retries=cfg.retries, base=cfg.backoff_base,
-                                 cap=cfg.backoff_cap, emit=ctx.emit, what=str(dst), digest=desc.digest.short)
+    present = await retrying(ctx, str(dst), lambda: dst.has_blob(desc), digest=desc.digest.short)
     outcome: Outcome = "skipped" if present else "moved"
     if isinstance(dst, RegistryEnd):
         if not present and any(_mount_sources(ctx, src, dst, desc)):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ..config import EngineConfig, RegistryLimits
 from ..deadline import DeadlineTracker
 from ..journal import Journal
 from ..progress import Event, Listener, Stats
 from ..registry import RegistryPool
+from ..retry import with_retries
 from ..scheduler import Scheduler
 from ..types import Digest
 
-__all__ = ["Context", "Outcome"]
+__all__ = ["Context", "Outcome", "retrying"]
+
+T = TypeVar("T")
 
 # how a blob came to be at its destination: sent, already there, mounted from another repository
 # of the registry, or moved by another image of the job
@@ -88,3 +92,12 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} bytes"
+
+
+async def retrying(ctx: Context, what: str, attempt: Callable[[], Awaitable[T]], *, digest: str = "",
+                   progress: Callable[[], int] | None = None) -> T:
+    """``attempt`` under the job's retry policy (``retries``, backoff base and cap), its retries
+    reported to the job's listener; ``progress`` as for :func:`~blobflow.retry.with_retries`."""
+    cfg = ctx.config
+    return await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
+                              emit=ctx.emit, what=what, digest=digest, progress=progress)

@@ -27,9 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 from ..codec import DOCKER_TO_OCI, Codec, CorruptStreamError, Recoder, compression_of
 from ..errors import BlobflowError, DigestMismatchError, ManifestError, TransferError
 from ..progress import Event
-from ..retry import with_retries
 from ..types import Descriptor, Digest
-from .base import Context, Outcome
+from .base import Context, Outcome, retrying
 from .copy import registry_opener
 from .ends import ImageEnd, LayoutEnd, RawManifest, RegistryEnd
 from .upload import Opener, file_opener
@@ -97,7 +96,7 @@ async def convert_layer(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Des
 
 async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descriptor, diff_id: Digest,
                    codec: Codec) -> Descriptor:
-    short, cfg = desc.digest.short, ctx.config
+    short = desc.digest.short
     source = compression_of(desc.media_type)
     assert source is not None
     done = 0
@@ -116,8 +115,7 @@ async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descript
         return out
 
     try:
-        new = await with_retries(attempt, retries=cfg.retries, base=cfg.backoff_base, cap=cfg.backoff_cap,
-                                 emit=ctx.emit, what=str(dst), digest=short, progress=lambda: done)
+        new = await retrying(ctx, str(dst), attempt, digest=short, progress=lambda: done)
     except BaseException:
         ctx.emit(Event("failed", short, size=desc.size, target=str(dst)))
         raise
