@@ -230,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_state_dir(directory: str) -> None:
+    """A ``--state-dir`` given by hand must take records: bad input otherwise. (The default one
+    only costs resume when it cannot: the job warns and goes on.)"""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        writable = os.access(directory, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise BadInputError(f"--state-dir {directory}: {e.strerror or e}") from None
+    if not writable:
+        raise BadInputError(f"--state-dir {directory}: not writable")
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
     opts: dict[str, Any] = {}
     for name in ("concurrency", "chunk_size", "part_size", "retries", "upload_window", "max_layer_size",
@@ -245,6 +257,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         opts["extra_limits"] = load_registry_limits(args.registry_limits)
     if getattr(args, "no_deadline_tracking", False):
         opts["deadline_tracking"] = False
+    if "state_dir" in opts:
+        _check_state_dir(opts["state_dir"])
     return EngineConfig(plain_http=args.plain_http, insecure=args.insecure, ca_file=args.ca_file, **opts)
 
 

@@ -10,7 +10,9 @@ One small JSON file per blob in flight under the state dir (``--state-dir``, def
   registry for the offset (``GET`` on the session) and continues, or starts a new session.
 
 Records are replaced atomically (temp + rename). A record that does not parse, or that names
-another blob, size or file, is discarded with a warning, never trusted.
+another blob, size or file, is discarded with a warning, never trusted. A state dir that cannot
+be written (a read-only root filesystem in a container, a home that is not there) costs resume,
+never the job: the first record that fails says so once, and the job goes on keeping none.
 
 Beside the records, :class:`KnownLocations` remembers which repositories of a registry earlier
 jobs put each blob in: mount sources for a later job, so the re-run of a killed mirror (or a
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +76,13 @@ class DownloadRecord:
     partial: str
     ranges: list[tuple[int, int, str]] = field(default_factory=list)
     warning: str = ""
+    journal: Journal | None = field(default=None, repr=False)
 
-    def save(self) -> None:
-        _write(self.file, {"version": _VERSION, "kind": "download", "digest": self.digest, "size": self.size,
-                           "partial": self.partial, "ranges": [list(r) for r in self.ranges]})
+    def save(self) -> bool:
+        """Write the record; False when the state dir cannot keep it (nothing to resume from)."""
+        return _keep(self.journal, self.file, {
+            "version": _VERSION, "kind": "download", "digest": self.digest, "size": self.size,
+            "partial": self.partial, "ranges": [list(r) for r in self.ranges]})
 
     def discard(self) -> None:
         self.file.unlink(missing_ok=True)
@@ -99,12 +105,14 @@ class UploadRecord:
     opened_at: float = 0.0  # wall-clock time the session was opened: its upload window runs from then
     warning: str = ""
     owned: bool = True
+    journal: Journal | None = field(default=None, repr=False)
     _lock: int = -1
 
-    def save(self) -> None:
-        if self.owned:
-            _write(self.file, {"version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
-                               "location": self.location, "offset": self.offset, "opened_at": self.opened_at})
+    def save(self) -> bool:
+        """Write the record (when this upload owns it); False when it was not written."""
+        return self.owned and _keep(self.journal, self.file, {
+            "version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
+            "location": self.location, "offset": self.offset, "opened_at": self.opened_at})
 
     def discard(self) -> None:
         if self.owned:
@@ -178,14 +186,26 @@ class KnownLocations:
 
 
 class Journal:
-    def __init__(self, root: Path | str | None = None) -> None:
+    def __init__(self, root: Path | str | None = None, *, warn: Callable[[str], None] | None = None) -> None:
+        """``warn`` hears, once, that the state dir cannot keep records."""
         self.root = Path(root) if root is not None else default_state_dir()
         self.locations = KnownLocations(self.root)
+        self.unusable = ""  # why records cannot be written here, once one failed
+        self._warn = warn
+
+    def failed(self, e: OSError) -> None:
+        """A record could not be written: keep none for the rest of the job, and say so once."""
+        if self.unusable:
+            return
+        self.unusable = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        if self._warn is not None:
+            self._warn(f"cannot keep resume records in {self.root}: {self.unusable}; the job goes on, but "
+                       "an interrupted transfer will start over (--state-dir DIR to keep them elsewhere)")
 
     def download(self, destination: Path, digest: Digest, size: int, partial: Path) -> DownloadRecord:
         """The record for ``digest`` downloading to ``destination`` (empty when there is none)."""
         file = self.root / "downloads" / f"{_key(str(destination.resolve()), str(digest))}.json"
-        fresh = DownloadRecord(file, str(digest), size, str(partial))
+        fresh = DownloadRecord(file, str(digest), size, str(partial), journal=self)
         data, warning = _read(file)
         if data is None:
             fresh.warning = warning
@@ -210,12 +230,17 @@ class Journal:
         sent in one request, with nothing to continue) gives one that reads and writes nothing:
         the record's filesystem calls cost more than such an upload's own work on a slow disk."""
         file = self.root / "uploads" / f"{_key(registry, repository, str(digest))}.json"
-        fresh = UploadRecord(file, str(digest), size)
-        if not resumable:
+        fresh = UploadRecord(file, str(digest), size, journal=self)
+        if not resumable or self.unusable:
             fresh.owned = False
             return fresh
-        file.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            self.failed(e)
+            fresh.owned = False  # reads and writes nothing: the upload goes on without a record
+            return fresh
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -245,7 +270,7 @@ class Journal:
 def _read(file: Path) -> tuple[dict[str, Any] | None, str]:
     try:
         raw = file.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no record (a state dir that is not there has none)
         return None, ""
     except OSError as e:
         return None, f"cannot read resume record {file}: {e.strerror}"
@@ -257,6 +282,21 @@ def _read(file: Path) -> tuple[dict[str, Any] | None, str]:
         file.unlink(missing_ok=True)
         return None, f"discarded a corrupt resume record {file.name}"
     return data, ""
+
+
+def _keep(journal: Journal | None, file: Path, data: dict[str, Any]) -> bool:
+    """Write a record for ``journal``; on a state dir that cannot take it, tell the journal and
+    return False (without a journal, the error is raised)."""
+    if journal is not None and journal.unusable:
+        return False
+    try:
+        _write(file, data)
+    except OSError as e:
+        if journal is None:
+            raise
+        journal.failed(e)
+        return False
+    return True
 
 
 def _write(file: Path, data: dict[str, Any]) -> None:

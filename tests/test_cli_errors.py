@@ -239,6 +239,34 @@ async def test_a_layer_file_that_cannot_be_read_is_named(registry: LocalRegistry
     assert line == f"blobflow: {layer}: Is a directory"
 
 
+async def test_a_state_dir_that_cannot_be_written_costs_resume_not_the_transfer(
+        registry: LocalRegistry, cli: Cli, tmp_path: Path, check_layout: CheckLayout) -> None:
+    """The default state dir unusable (here under a regular file; in a container, a read-only root
+    filesystem): pull and a chunked push still finish, with one note that resume is off. Before,
+    both failed with the bare OSError of the first resume record. A ``--state-dir`` given by hand
+    that cannot be used is bad input, said before anything moves."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [5 * MiB], seed=9)  # over the 4 MiB a blob may go in one PUT: a resumable upload
+    blocker = tmp_path / "home-is-a-file"
+    blocker.write_text("")
+    env = {"XDG_STATE_HOME": str(blocker / "state")}
+    results = {
+        "push": await cli("push", str(src), f"{registry.host}/r:v1", "--chunk-size", "512KiB", env=env),
+        "pull": await cli("pull", f"{registry.host}/r:v1", str(tmp_path / "out"), "--part-size", "512KiB", env=env),
+    }
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr)
+        notes = [line for line in result.output.splitlines() if "cannot keep resume records" in line]
+        assert "cannot read resume record" not in result.output  # a state dir that is not there holds none
+        assert len(notes) == 1 and "Not a directory" in notes[0] and "will start over" in notes[0], (name, result)
+    check_layout(tmp_path / "out")
+
+    line = assert_one_line_error(await cli("pull", f"{registry.host}/r:v1", str(tmp_path / "out2"),
+                                           "--state-dir", str(blocker / "state")), 2)
+    assert line == f"blobflow: --state-dir {blocker / 'state'}: Not a directory"
+    assert not (tmp_path / "out2").exists()
+
+
 def test_a_full_disk_says_where_and_that_the_same_command_resumes() -> None:
     from blobflow.cli import _failure
 

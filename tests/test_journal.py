@@ -143,3 +143,24 @@ def test_known_locations_skip_what_does_not_parse_and_start_over_when_too_large(
     big.MAX_BYTES = 10
     assert big.get("reg:5000", D1) == ["lib/a"]  # read, kept for this job ...
     assert not file.exists()  # ... and the file started afresh
+
+
+def test_a_state_dir_that_cannot_be_written_costs_resume_not_the_job(tmp_path: Path) -> None:
+    """A read-only root filesystem (a hardened container) or a home that is a file: records fail,
+    the journal says so once and keeps none after that; nothing raises."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    heard: list[str] = []
+    journal = Journal(blocker / "state", warn=heard.append)
+    download = journal.download(tmp_path / "out" / "blob", D1, 100, tmp_path / "out" / ".blob.partial")
+    download.ranges = [(0, 50, "00")]
+    assert download.save() is False and download.save() is False
+    upload = journal.upload("r.example", "a/b", D1, 1000)
+    assert not upload.owned and upload.save() is False
+    upload.discard()
+    upload.release()
+    assert len(heard) == 1 and str(blocker / "state") in heard[0] and "Not a directory" in heard[0]
+    assert "interrupted transfer will start over" in heard[0]
+
+    fresh = Journal(blocker / "state2", warn=heard.append)  # an upload may be the first to find out
+    assert not fresh.upload("r.example", "a/b", D2, 1000).owned and len(heard) == 2

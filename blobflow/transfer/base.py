@@ -45,7 +45,7 @@ class Context:
     def __post_init__(self) -> None:
         if self.deadlines is None:
             self.deadlines = DeadlineTracker(self.config, emit=self.emit)
-        self.journal = Journal(self.config.state_dir)
+        self.journal = Journal(self.config.state_dir, warn=lambda text: self.emit(Event("info", detail=text)))
 
     def emit(self, ev: Event) -> None:
         self.stats.observe(ev)

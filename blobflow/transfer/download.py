@@ -159,7 +159,8 @@ class Download:
         ranges = [(r.start, r.end, x) for r, x in self.done.items()]
         ranges += [(start, pos, xh.hexdigest()) for start, (pos, xh) in self._active.items() if pos > start]
         self.record.ranges = sorted(ranges)
-        self.record.save()
+        if not self.record.save():  # the state dir keeps nothing: a partial file would be found without it
+            self.record = None
 
     async def _finish(self) -> None:
         try:
