@@ -36,7 +36,8 @@ import xxhash
 
 from .types import Digest, is_repository
 
-__all__ = ["DownloadRecord", "Journal", "KnownLocations", "UploadRecord", "default_state_dir", "range_checksum"]
+__all__ = ["NO_HOME", "DownloadRecord", "Journal", "KnownLocations", "UploadRecord", "default_state_dir",
+           "range_checksum"]
 
 _VERSION = 1
 # one line of a KnownLocations file, exactly as written there
@@ -44,9 +45,18 @@ _LOCATION_LINE = re.compile(
     r'^\{"digest": "(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})", "repository": "([a-z0-9._/-]+)"\}$', re.MULTILINE)
 
 
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "blobflow"
+NO_HOME = "no home directory ($HOME is not set and the user has no passwd entry)"
+
+
+def default_state_dir() -> Path | None:
+    """``$XDG_STATE_HOME/blobflow``, else ``~/.local/state/blobflow``; None without either."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if base:
+        return Path(base) / "blobflow"
+    try:
+        return Path.home() / ".local" / "state" / "blobflow"
+    except RuntimeError:  # no $HOME and no passwd entry: a container run as an arbitrary uid
+        return None
 
 
 def range_checksum(read_at: Any, start: int, end: int, *, piece: int = 8 << 20) -> str:
@@ -135,8 +145,9 @@ class KnownLocations:
 
     MAX_BYTES = 2 << 20  # about 18,000 hints, read in some 50 ms
 
-    def __init__(self, root: Path) -> None:
-        self.root = root / "locations"
+    def __init__(self, root: Path | None) -> None:
+        """``root`` None: no state dir, the hints of this job live in memory only."""
+        self.root = root / "locations" if root is not None else None
         self._tables: dict[str, dict[str, list[str]]] = {}
 
     def get(self, registry: str, digest: Digest) -> list[str]:
@@ -150,6 +161,8 @@ class KnownLocations:
         if repository in repos:
             return
         repos.append(repository)
+        if self.root is None:
+            return
         line = f'{{"digest": "{digest}", "repository": "{repository}"}}\n'  # what _LOCATION_LINE reads
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -159,6 +172,7 @@ class KnownLocations:
             pass  # a hint is never worth failing a transfer for
 
     def _file(self, registry: str) -> Path:
+        assert self.root is not None
         return self.root / f"{_key(registry)}.jsonl"
 
     def _table(self, registry: str) -> dict[str, list[str]]:
@@ -166,6 +180,8 @@ class KnownLocations:
         if table is not None:
             return table
         table = self._tables[registry] = {}
+        if self.root is None:
+            return table
         file = self._file(registry)
         try:
             text = file.read_text(encoding="utf-8", errors="replace")
@@ -187,7 +203,9 @@ class KnownLocations:
 
 class Journal:
     def __init__(self, root: Path | str | None = None, *, warn: Callable[[str], None] | None = None) -> None:
-        """``warn`` hears, once, that the state dir cannot keep records."""
+        """``warn`` hears, once, that the state dir cannot keep records. Without ``root`` and
+        without a default one (no home), the job keeps none: ``download`` gives no record and
+        ``upload`` one that writes nothing."""
         self.root = Path(root) if root is not None else default_state_dir()
         self.locations = KnownLocations(self.root)
         self.unusable = ""  # why records cannot be written here, once one failed
@@ -195,15 +213,28 @@ class Journal:
 
     def failed(self, e: OSError) -> None:
         """A record could not be written: keep none for the rest of the job, and say so once."""
+        self._give_up(f"in {self.root}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+
+    def _give_up(self, why: str) -> None:
         if self.unusable:
             return
-        self.unusable = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        self.unusable = why
         if self._warn is not None:
-            self._warn(f"cannot keep resume records in {self.root}: {self.unusable}; the job goes on, but "
-                       "an interrupted transfer will start over (--state-dir DIR to keep them elsewhere)")
+            self._warn(f"cannot keep resume records {why}; the job goes on, but an interrupted transfer will "
+                       "start over (--state-dir DIR to keep them)")
 
-    def download(self, destination: Path, digest: Digest, size: int, partial: Path) -> DownloadRecord:
-        """The record for ``digest`` downloading to ``destination`` (empty when there is none)."""
+    def _homeless(self) -> bool:
+        if self.root is not None:
+            return False
+        self._give_up(f"anywhere: {NO_HOME} and XDG_STATE_HOME is not set")
+        return True
+
+    def download(self, destination: Path, digest: Digest, size: int, partial: Path) -> DownloadRecord | None:
+        """The record for ``digest`` downloading to ``destination`` (empty when there is none;
+        None without a state dir)."""
+        if self._homeless():
+            return None
+        assert self.root is not None
         file = self.root / "downloads" / f"{_key(str(destination.resolve()), str(digest))}.json"
         fresh = DownloadRecord(file, str(digest), size, str(partial), journal=self)
         data, warning = _read(file)
@@ -229,11 +260,11 @@ class Journal:
         """The record of ``digest``'s upload session to ``repository``. ``resumable=False`` (a blob
         sent in one request, with nothing to continue) gives one that reads and writes nothing:
         the record's filesystem calls cost more than such an upload's own work on a slow disk."""
+        if not resumable or self._homeless() or self.unusable:
+            return UploadRecord(Path(os.devnull), str(digest), size, owned=False)  # reads and writes nothing
+        assert self.root is not None
         file = self.root / "uploads" / f"{_key(registry, repository, str(digest))}.json"
         fresh = UploadRecord(file, str(digest), size, journal=self)
-        if not resumable or self.unusable:
-            fresh.owned = False
-            return fresh
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
             lock = os.open(file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)

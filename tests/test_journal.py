@@ -6,10 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 import blobflow
 from blobflow.deadline import UploadTicket
 from blobflow.journal import Journal, range_checksum
 from blobflow.localreg import LocalRegistry
+from blobflow.registry.credentials import Credentials, load_credentials, store_credentials
+from blobflow.synth import build_image
 from blobflow.types import Digest
 
 D1 = Digest("sha256", "1" * 64)
@@ -164,3 +168,28 @@ def test_a_state_dir_that_cannot_be_written_costs_resume_not_the_job(tmp_path: P
 
     fresh = Journal(blocker / "state2", warn=heard.append)  # an upload may be the first to find out
     assert not fresh.upload("r.example", "a/b", D2, 1000).owned and len(heard) == 2
+
+
+async def test_without_a_home_the_job_keeps_no_records_and_says_so(
+        tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container run as a uid with no passwd entry and no $HOME (OpenShift's random uids, a
+    Kubernetes runAsUser missing from the image): Path.home() raises. Every command failed with
+    'internal error: RuntimeError: Could not determine home directory'."""
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    for name in ("HOME", "XDG_STATE_HOME", "DOCKER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    events: list[blobflow.Event] = []
+    client = blobflow.Client(blobflow.EngineConfig(plain_http=True, chunk_size=1024 * 1024), listener=events.append)
+    src = tmp_path / "src"
+    build_image(src, "v1", [5 * 1024 * 1024], seed=4)  # over 4 MiB: a resumable, chunked upload
+    await client.push(src, f"{registry.host}/home/less:v1")
+    await client.pull(f"{registry.host}/home/less:v1", tmp_path / "out")
+    notes = [e.detail for e in events if e.kind == "info" and "resume records" in e.detail]
+    assert len(notes) == 2 and all("no home directory" in n and "--state-dir" in n for n in notes)  # one a job
+
+    assert load_credentials(registry.host) == Credentials()  # nowhere to look: anonymous
+    with pytest.raises(blobflow.BadInputError, match="set DOCKER_CONFIG"):
+        store_credentials(registry.host, Credentials("u", "p"))

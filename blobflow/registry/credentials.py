@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AuthError, BadInputError
+from ..journal import NO_HOME
 
 __all__ = ["Credentials", "docker_config_path", "load_credentials", "redact_all", "store_credentials"]
 
@@ -36,9 +37,16 @@ class Credentials:
         return bool(self.username or self.password or self.identity_token)
 
 
-def docker_config_path() -> Path:
+def docker_config_path() -> Path | None:
+    """Docker's config.json: ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``; None
+    without either (a container run as a uid with no passwd entry and no ``$HOME``)."""
     base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+    if base:
+        return Path(base) / "config.json"
+    try:
+        return Path.home() / ".docker" / "config.json"
+    except RuntimeError:
+        return None
 
 
 def _config_keys(registry: str) -> list[str]:
@@ -75,6 +83,8 @@ def _helper_for(config: dict[str, Any], registry: str) -> str | None:
 def load_credentials(registry: str, *, path: Path | None = None) -> Credentials:
     """Credentials for ``registry`` from docker's config: ``credHelpers``, ``credsStore``, ``auths``."""
     path = path or docker_config_path()
+    if path is None:  # nowhere to look: anonymous, as with a config that does not exist
+        return Credentials()
     config = _read_config(path)
     keys = _config_keys(registry)
     helper = _helper_for(config, registry)
@@ -123,6 +133,8 @@ def store_credentials(registry: str, credentials: Credentials, *, path: Path | N
     Returns where the credentials went, for the user to read.
     """
     path = path or docker_config_path()
+    if path is None:
+        raise BadInputError(f"nowhere to store credentials: {NO_HOME}; set DOCKER_CONFIG to a directory")
     config = _read_config(path)
     auths = config.get("auths")
     if not isinstance(auths, dict):
