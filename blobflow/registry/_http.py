@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
+import ipaddress
 import json
+import os
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -16,7 +20,7 @@ import aiohttp
 
 from ..errors import AuthError, BadInputError, BlobflowError, ConnectError, NotFoundError, RegistryError, TransferError
 
-__all__ = ["MAX_ERROR_BODY", "mapped", "open_session", "raise_for", "retry_after", "tls_context"]
+__all__ = ["MAX_ERROR_BODY", "mapped", "open_session", "proxy_for", "raise_for", "retry_after", "tls_context"]
 
 MAX_ERROR_BODY = 64 * 1024
 Redact = Callable[[str], str]
@@ -57,6 +61,59 @@ def tls_context(*, ca_file: str | None = None, insecure: bool = False) -> ssl.SS
             raise BadInputError(f"--ca-file {ca_file}: not a readable PEM bundle of CA certificates "
                                 f"({reason})") from None
     return ctx
+
+
+_PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "REQUEST_METHOD")
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy a request to ``url`` goes through, from the environment as docker, skopeo and
+    crane read it: ``HTTPS_PROXY`` for https, ``HTTP_PROXY`` for http (either case, lowercase
+    first), ``NO_PROXY`` (hosts and their subdomains, ``.domain``, ``host:port``, CIDR blocks,
+    ``*``) to go direct; never for localhost or a loopback address. aiohttp's ``trust_env`` is not used: it also sends
+    ~/.netrc credentials and clashes with the registry's own Authorization header."""
+    env = tuple(os.environ.get(name) for name in _PROXY_VARS)
+    if not any(env[:6]):
+        return None
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return _proxy_for(parts.scheme, parts.hostname or "", port, env)
+
+
+@functools.lru_cache(maxsize=256)
+def _proxy_for(scheme: str, host: str, port: int, env: tuple[str | None, ...]) -> str | None:
+    if host == "localhost" or host.endswith(".localhost"):
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    proxies = urllib.request.getproxies_environment()  # case rules, and no HTTP_PROXY under CGI
+    proxy = proxies.get(scheme)
+    if not proxy:
+        return None
+    if _bypassed(host.lower(), port, proxies.get("no", "")):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _bypassed(host: str, port: int, no_proxy: str) -> bool:
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        name, sep, entry_port = entry.rpartition(":")
+        if not sep or not entry_port.isdigit() or (name.count(":") and not name.endswith("]")):
+            name, entry_port = entry, ""  # no port (an IPv6 address has colons of its own)
+        if entry_port and int(entry_port) != port:
+            continue
+        name = name.strip("[]").removeprefix("*").lstrip(".")
+        if not name:
+            continue
+        if host == name or host.endswith("." + name):
+            return True
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
+                return True
+    return False
 
 
 def open_session(*, connections_per_host: int, connect_timeout: float, read_timeout: float,
@@ -104,6 +161,10 @@ def _translated(what: str) -> Iterator[None]:
     except aiohttp.ClientConnectorSSLError as e:
         raise TransferError(f"{what}: TLS handshake with {e.host}:{e.port} failed ({_verify_reason(e.os_error)})"
                             ) from None
+    except aiohttp.ClientProxyConnectionError as e:
+        reason = e.os_error.strerror or e.os_error
+        raise ConnectError(f"{what}: cannot connect to the proxy {e.host}:{e.port} ({reason}; set by HTTPS_PROXY "
+                           "or HTTP_PROXY, bypassed by NO_PROXY)", retryable=True) from None
     except aiohttp.ClientConnectorError as e:
         raise ConnectError(f"{what}: cannot connect to {e.host}:{e.port} ({e.os_error.strerror or e.os_error})",
                            retryable=True) from None
@@ -116,6 +177,8 @@ def _translated(what: str) -> Iterator[None]:
         # only scheme and host: a signed storage URL's query string is a credential
         parts = urlsplit(str(e.url))
         raise RegistryError(f"{what}: registry sent an invalid URL ({parts.scheme}://{parts.netloc}/...)") from None
+    except aiohttp.ClientHttpProxyError as e:  # the proxy refused the tunnel (407: it wants credentials)
+        raise RegistryError(f"{what}: the proxy answered {e.status} {e.message}", status=e.status) from None
     except aiohttp.ClientResponseError as e:
         raise RegistryError(f"{what}: {e.message}", status=e.status) from None
     except aiohttp.ClientError as e:

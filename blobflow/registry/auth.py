@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ..errors import AuthError
-from ._http import mapped, raise_for, read_error
+from ._http import mapped, proxy_for, raise_for, read_error
 from .credentials import Credentials, redact_all
 
 __all__ = ["Authenticator", "Challenge", "parse_challenges", "parse_scope"]
@@ -339,11 +339,11 @@ class Authenticator:
                     form["service"] = service
                 if scopes:
                     form["scope"] = " ".join(scopes)
-                request = self.session.post(realm, data=form, allow_redirects=False)
+                request = self.session.post(realm, data=form, allow_redirects=False, proxy=proxy_for(realm))
             else:  # docker's GET, one scope parameter per resource
                 params = ([("service", service)] if service else []) + [("scope", s) for s in scopes]
                 headers = {"Authorization": creds.basic} if self._has_password else {}
-                request = self.session.get(realm, params=params, headers=headers)
+                request = self.session.get(realm, params=params, headers=headers, proxy=proxy_for(realm))
             async with request as resp:
                 if resp.status in (401, 403):
                     raise await self._token_refused(resp, scope, what, host)

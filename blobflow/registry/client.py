@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..types import ALL_MANIFEST_TYPES, Descriptor, Digest
 from ._http import mapped as _mapped
-from ._http import open_session, raise_for, read_body, retry_after
+from ._http import open_session, proxy_for, raise_for, read_body, retry_after
 from .auth import Authenticator
 from .credentials import Credentials, load_credentials
 from .gate import HostGate
@@ -190,7 +190,7 @@ class RegistryClient:
                 await self.gate.enter()
             with _mapped(what):
                 resp = await self.session.request(method, url, headers=hdrs, data=body,
-                                                  allow_redirects=allow_redirects)
+                                                  allow_redirects=allow_redirects, proxy=proxy_for(url))
             if own_host:
                 if resp.status in (429, 503):
                     self.gate.throttled(retry_after(resp.headers.get("Retry-After")))
@@ -310,7 +310,8 @@ class RegistryClient:
                 if auth:
                     hdrs["Authorization"] = auth
             with _mapped(what):
-                resp = await self.session.get(URL(url, encoded=True), headers=hdrs, allow_redirects=False)
+                resp = await self.session.get(URL(url, encoded=True), headers=hdrs, allow_redirects=False,
+                                              proxy=proxy_for(url))
         if resp.status >= 400:
             await self._fail(resp, what)
         if resp.status not in (200, 206):

@@ -1,0 +1,64 @@
+"""A forward HTTP proxy (what ``HTTP_PROXY`` names), for the tests of blobflow's proxy support.
+
+Clients send it absolute-form requests (``GET http://registry.test:5000/v2/ HTTP/1.1``); it looks
+the target host up in ``routes`` (a name the client never resolves: the proxy does, as a
+corporate proxy resolves what its clients cannot) and forwards to that loopback address with the
+client's ``Host``, so the registry's ``Location`` URLs keep naming the target. Bodies stream both
+ways. Plain HTTP only: no ``CONNECT`` tunnels. Every request is recorded in ``seen``.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import hdrs, web
+from yarl import URL
+
+CHUNK = 64 * 1024
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+
+
+class ForwardProxy:
+    def __init__(self, routes: dict[str, str]) -> None:
+        """``routes``: the ``host:port`` a client asks for -> the ``host:port`` it really is."""
+        self.routes = routes
+        self.seen: list[tuple[str, str, str]] = []  # (method, host:port asked for, path and query)
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        asked = request.headers.get(hdrs.HOST, "")
+        self.seen.append((request.method, asked, request.path_qs))
+        target = self.routes.get(asked)
+        if target is None or not request.url.is_absolute() or request.url.scheme != "http":
+            return web.Response(status=502, text=f"ForwardProxy: no route to {asked!r}")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"expect"}}
+        body = request.content.iter_chunked(CHUNK) if request.body_exists else None
+        assert self._session is not None
+        async with self._session.request(request.method, URL(f"http://{target}{request.url.raw_path_qs}", encoded=True),
+                                         headers=headers, data=body, allow_redirects=False) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            await response.prepare(request)
+            async for data in upstream.content.iter_chunked(CHUNK):
+                await response.write(data)
+            await response.write_eof()
+            return response
