@@ -4,10 +4,12 @@ Clients send it absolute-form requests (``GET http://registry.test:5000/v2/ HTTP
 the target host up in ``routes`` (a name the client never resolves: the proxy does, as a
 corporate proxy resolves what its clients cannot) and forwards to that loopback address with the
 client's ``Host``, so the registry's ``Location`` URLs keep naming the target. Bodies stream both
-ways. Plain HTTP only: no ``CONNECT`` tunnels. Every request is recorded in ``seen``.
+ways. Every request is recorded in ``seen``. ``TunnelProxy`` is the ``CONNECT`` kind, for HTTPS.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -62,3 +64,55 @@ class ForwardProxy:
                 await response.write(data)
             await response.write_eof()
             return response
+
+
+class TunnelProxy:
+    """A ``CONNECT`` proxy (what ``HTTPS_PROXY`` names): the client asks for a tunnel to
+    ``host:port``, the proxy connects to its route and then copies bytes both ways, TLS and all,
+    without reading them. ``tunnels`` records each ``host:port`` asked for."""
+
+    def __init__(self, routes: dict[str, str]) -> None:
+        self.routes = routes
+        self.tunnels: list[str] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        route = self.routes.get(target) if method == "CONNECT" else None
+        if route is None:
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        self.tunnels.append(target)
+        host, _, port = route.rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(_pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()

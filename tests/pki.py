@@ -89,8 +89,9 @@ class CertificateAuthority:
         self.cert_path = self.directory / f"{name}.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *, server: bool = True) -> IssuedCert:
-        """A leaf certificate: for a TLS server on 127.0.0.1/localhost, or (``server=False``) a signer."""
+    def issue(self, name: str, *, server: bool = True, dns_names: tuple[str, ...] = ()) -> IssuedCert:
+        """A leaf certificate: for a TLS server on 127.0.0.1/localhost (and ``dns_names``), or
+        (``server=False``) a signer."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -106,7 +107,8 @@ class CertificateAuthority:
         )
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]), critical=False)
+                x509.DNSName("localhost"), *map(x509.DNSName, dns_names),
+                x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]), critical=False)
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                             critical=False)
         cert = builder.sign(self.key, hashes.SHA256())

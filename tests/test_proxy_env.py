@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from authenv import Pki
 from conftest import CheckLayout
-from forwardproxy import ForwardProxy
+from forwardproxy import ForwardProxy, TunnelProxy
 
 import blobflow
-from blobflow.localreg import LocalRegistry
+from blobflow.localreg import LocalRegistry, TlsFiles
 from blobflow.registry._http import proxy_for
 from blobflow.synth import build_image
+
+pytest_plugins = ["authenv"]
 
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
               "ALL_PROXY", "REQUEST_METHOD")
@@ -130,3 +133,37 @@ async def test_a_proxy_that_is_not_there_is_named(registry: LocalRegistry, clean
             f"registry.test:{registry.port}/p:v1", tmp_path / "out")
     assert f"cannot connect to the proxy 127.0.0.1:{port}" in str(info.value)
     assert "HTTP_PROXY" in str(info.value)
+
+
+async def test_https_goes_through_a_connect_tunnel_and_still_checks_the_registry_name(
+        pki: Pki, unresolvable: list[str], clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path,
+        check_layout: CheckLayout) -> None:
+    """HTTPS_PROXY: the client asks the proxy for a tunnel to registry.test:PORT and speaks TLS
+    through it, verifying the certificate against that name (not the proxy's address)."""
+    named = pki.ca.issue("registry-test", dns_names=("registry.test",))
+    registry = LocalRegistry(tmp_path / "tls-registry", tls=TlsFiles(named.cert_path, named.key_path))
+    registry.start()
+    tunnel = TunnelProxy({f"registry.test:{registry.port}": registry.host})
+    await tunnel.start()
+    try:
+        clean_proxy_env.setenv("HTTPS_PROXY", tunnel.url)
+        src = tmp_path / "src"
+        build_image(src, "v1", [300_000], seed=15)
+        target = f"registry.test:{registry.port}/through/tunnel:v1"
+        client = blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path)))
+        await client.push(src, target)
+        await client.pull(target, tmp_path / "out")
+        check_layout(tmp_path / "out")
+        assert unresolvable == [] and tunnel.tunnels and set(tunnel.tunnels) == {f"registry.test:{registry.port}"}
+
+        wrong = pki.ca.issue("registry-elsewhere", dns_names=("elsewhere.test",))  # a certificate for another name
+        registry.stop()
+        registry = LocalRegistry(tmp_path / "tls-registry-2", tls=TlsFiles(wrong.cert_path, wrong.key_path))
+        registry.start()
+        tunnel.routes = {f"registry.test:{registry.port}": registry.host}
+        with pytest.raises(blobflow.BlobflowError, match="not trusted"):
+            await blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path), retries=0)).pull(
+                f"registry.test:{registry.port}/through/tunnel:v1", tmp_path / "out2")
+    finally:
+        await tunnel.stop()
+        registry.stop()
