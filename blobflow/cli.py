@@ -404,6 +404,9 @@ async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise BadInputError(benchreport.PLOT_MISSING) from None
+    for flag, path in (("--json", args.json_file), ("--plot", args.plot)):
+        if path:  # written at the end of the run: found out now
+            _check_output_file(path, flag)
     params = BenchParams(target=args.target, sizes=args.sizes, concurrency=args.bench_concurrency,
                          ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()), repeat=args.repeat,
                          duration=args.duration, blobs=args.blobs, copy_to=args.copy_to, cleanup=not args.keep)
@@ -430,11 +433,26 @@ async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """A file the command will write at its end: its directory must exist and take files."""
+    target = Path(path)
+    if target.is_dir():
+        raise BadInputError(f"{flag} {path}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise BadInputError(f"{flag} {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"{flag} {path}: cannot write in {parent}")
+
+
 async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) -> int:
+    from .layout import atomic_write
     from .mirror import load_plan, parse_shard
 
     plan = load_plan(args.plan)
     shard = parse_shard(args.shard)
+    if args.report:  # found out now, not after an hour of mirroring
+        _check_output_file(args.report, "--report")
     if plan.concurrency and args.concurrency is None:
         client.config = dataclasses.replace(client.config, concurrency=plan.concurrency)
     rate = args.rate if args.rate is not None else plan.rate
@@ -445,8 +463,6 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
     report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds,
                               "requests_per_host": result.requests, "throttled_per_host": result.throttled,
                               "images": images}
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # noqa: ASYNC240 - after the job
     failed = result.failed
     if args.json:
         for image in images:
@@ -469,6 +485,8 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
               f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "
               f"{verb} {moved / 1e6:.1f} MB in {result.seconds:.2f} s; requests: "
               + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items())))
+    if args.report:  # after the summary: a disk that fills now still leaves the user the figures
+        atomic_write(Path(args.report), (json.dumps(report, indent=2) + "\n").encode())
     if failed:
         return EXIT_PARTIAL if len(failed) < len(result.images) else EXIT_FAILED
     return EXIT_OK

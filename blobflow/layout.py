@@ -21,7 +21,7 @@ from typing import Any
 from .errors import DigestMismatchError, LayoutError, ManifestError
 from .types import INDEX_TYPES, MEDIA_OCI_INDEX, Descriptor, Digest
 
-__all__ = ["REF_NAME", "BlobWriter", "Layout", "name_os_errors"]
+__all__ = ["REF_NAME", "BlobWriter", "Layout", "atomic_write", "name_os_errors"]
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
@@ -73,7 +73,8 @@ def name_os_errors(path: Path) -> Iterator[None]:
         raise
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` whole or keeps what it held: temporary file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -187,9 +188,9 @@ class Layout:
             (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
             with _locked(root):  # another process may be creating it, or already tagging in it
                 if not (root / "index.json").exists():
-                    _atomic_write(root / "index.json", _index_bytes([]))
+                    atomic_write(root / "index.json", _index_bytes([]))
                 if not (root / "oci-layout").exists():  # last: its presence means a whole layout
-                    _atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
+                    atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
         except OSError as e:  # a parent that is a file, a read-only or full filesystem
             raise LayoutError(f"cannot create an OCI image layout at {root}: {e.strerror or e}") from None
         return cls(root)
@@ -266,7 +267,7 @@ class Layout:
         path = self.blob_path(actual)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, data)
+            atomic_write(path, data)
         return actual
 
     def set_tag(self, tag: str | None, desc: Descriptor) -> None:
@@ -281,7 +282,7 @@ class Layout:
             keep = [m for m in current if tag is None or (m.get("annotations") or {}).get(REF_NAME) != tag]
             if tag is None:
                 keep = [m for m in keep if m.get("digest") != str(desc.digest)]
-            _atomic_write(self.root / "index.json", _index_bytes([*keep, entry]))
+            atomic_write(self.root / "index.json", _index_bytes([*keep, entry]))
 
 
 def _index_bytes(manifests: list[dict[str, Any]]) -> bytes:

@@ -602,3 +602,13 @@ async def test_a_reader_that_went_away_ends_the_command_quietly(registry: LocalR
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1
     assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode(), err.decode()
+
+
+async def test_bench_outputs_that_could_not_be_written_are_refused_before_the_run(cli: Cli, tmp_path: Path) -> None:
+    """A bench writes --json and --plot at its end; a wrong path used to cost the whole run."""
+    with socket.socket() as s:  # nothing listens there: a run that started would fail with exit 1
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}/bench"
+    missing = tmp_path / "no-such-dir" / "report.json"
+    line = assert_one_line_error(await cli("bench", "--plain-http", target, "--json", str(missing)), 2)
+    assert line == f"blobflow: --json {missing}: no directory {missing.parent}"

@@ -351,3 +351,31 @@ async def test_a_flaky_source_and_destination_are_retried_down_to_every_head(
         assert code == 0, (out, err)
     assert _statuses(tmp_path / "r.json") == ["up to date"] * len(digests)
     assert src.counters["status:503"] > 0 and dst.counters["status:503"] > 0
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+async def test_a_report_that_could_not_be_written_is_refused_before_anything_moves(
+        where: str, registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path,
+        layouts: Path) -> None:
+    """Before, the whole plan ran and only then did writing the report fail: exit 1, no summary,
+    no report. A typo in --report of a nightly mirror cost the night's figures."""
+    await _populate(registry, layouts, tmp_path)
+    p = await proxy(registry)
+    report = tmp_path / "no-such-dir" / "report.json" if where == "missing-dir" else tmp_path
+    code, out, err = await _mirror(_plan(tmp_path / "plan.toml", p.host, registry2.host), "--report", str(report))
+    assert code == 2, (out, err)
+    assert err.startswith(f"blobflow: --report {report}: ") and len(err.strip().splitlines()) == 1, err
+    assert p.counters["requests"] == 0 and out == ""
+
+
+async def test_the_report_is_written_after_the_summary_and_whole(
+        registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path, layouts: Path) -> None:
+    await _populate(registry, layouts, tmp_path)
+    report = tmp_path / "report.json"
+    report.write_text("an older report")
+    plan = _plan(tmp_path / "plan.toml", registry.host, registry2.host)
+    code, out, err = await _mirror(plan, "--report", str(report))
+    assert code == 0, err
+    assert f"{REPOS * TAGS} images" in out
+    assert len(json.loads(report.read_text())["images"]) == REPOS * TAGS
+    assert not list(tmp_path.glob(".report.json*"))  # noqa: ASYNC240 - no temporary file left
