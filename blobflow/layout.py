@@ -9,6 +9,7 @@ Processes writing one layout at once (parallel pulls of several tags) take turns
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -192,6 +193,8 @@ class Layout:
                 if not (root / "oci-layout").exists():  # last: its presence means a whole layout
                     atomic_write(root / "oci-layout", json.dumps(_LAYOUT_FILE).encode())
         except OSError as e:  # a parent that is a file, a read-only or full filesystem
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # not bad input: make room and run it again
+                raise OSError(e.errno, e.strerror, e.filename or str(root)) from None
             raise LayoutError(f"cannot create an OCI image layout at {root}: {e.strerror or e}") from None
         return cls(root)
 

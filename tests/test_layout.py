@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
 
+from blobflow.errors import LayoutError
 from blobflow.layout import REF_NAME, Layout
 from blobflow.types import MEDIA_OCI_MANIFEST, Descriptor
 
@@ -42,3 +45,16 @@ def test_concurrent_writers_keep_every_tag(existing: bool, tmp_path: Path) -> No
     tags = [(m.annotations or {}).get(REF_NAME, "") for m in Layout.open(root).images()]
     assert sorted(tags) == sorted(f"w{w}-{i}" for w in range(WRITERS) for i in range(TAGS_EACH))
     assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_when_creating_a_layout_is_not_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parent that is a file is a wrong path (exit 2); a full disk is not: the OSError goes on to
+    the CLI, which names the path, exits 1 and says to make room and run the command again."""
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(OSError) as info:
+        Layout.create(tmp_path / "out")
+    assert not isinstance(info.value, LayoutError)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "out")
