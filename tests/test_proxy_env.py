@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from authenv import Pki
+from authenv import ACCOUNTS, PUSHER, PUSHER_PASSWORD, Pki
 from conftest import CheckLayout
 from forwardproxy import ForwardProxy, TunnelProxy
+from tokenserver import TokenServer
 
 import blobflow
-from blobflow.localreg import LocalRegistry, TlsFiles
+from blobflow.localreg import LocalRegistry, TlsFiles, TokenAuth
+from blobflow.registry import Credentials
 from blobflow.registry._http import proxy_for
 from blobflow.synth import build_image
 
@@ -167,3 +169,34 @@ async def test_https_goes_through_a_connect_tunnel_and_still_checks_the_registry
     finally:
         await tunnel.stop()
         registry.stop()
+
+
+async def test_bearer_tokens_are_fetched_through_the_proxy_too(
+        pki: Pki, unresolvable: list[str], clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The token service is another host behind the proxy (auth.docker.io for Docker Hub): its
+    requests take the same HTTPS_PROXY as the registry's."""
+    auth_cert = pki.ca.issue("auth-test", dns_names=("auth.test",))
+    tokens = TokenServer(pki.signer, accounts=ACCOUNTS, tls=auth_cert.server_context(), public_name="auth.test")
+    await tokens.start()
+    named = pki.ca.issue("registry-test", dns_names=("registry.test",))
+    registry = LocalRegistry(tmp_path / "token-registry", tls=TlsFiles(named.cert_path, named.key_path),
+                             token_auth=TokenAuth(tokens.realm, tokens.service, tokens.issuer, pki.ca.cert_path))
+    registry.start()
+    auth_at = tokens.realm.removeprefix("https://").removesuffix("/token")
+    tunnel = TunnelProxy({f"registry.test:{registry.port}": registry.host,
+                          auth_at: auth_at.replace("auth.test", "127.0.0.1")})
+    await tunnel.start()
+    try:
+        clean_proxy_env.setenv("HTTPS_PROXY", tunnel.url)
+        src = tmp_path / "src"
+        build_image(src, "v1", [100_000], seed=16)
+        host = f"registry.test:{registry.port}"
+        client = blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path)),
+                                 credentials={host: Credentials(PUSHER, PUSHER_PASSWORD)})
+        await client.push(src, f"{host}/team/app:v1")
+        assert tokens.tokens_for(PUSHER), "no token was issued"
+        assert auth_at in tunnel.tunnels and host in tunnel.tunnels and unresolvable == []
+    finally:
+        await tunnel.stop()
+        registry.stop()
+        await tokens.stop()

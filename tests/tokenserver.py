@@ -87,8 +87,11 @@ class TokenServer:
                  anonymous: Mapping[str, frozenset[str]] | None = None, service: str = "blobflow-test-registry",
                  issuer: str = "blobflow-test-token-service", ttl: float = 60.0,
                  advertised_ttl: float | None = None, registry_leeway: float = 60.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, public_name: str = "127.0.0.1") -> None:
+        """``public_name``: the host the realm names (a name only a proxy resolves, for the proxy
+        tests); the service still listens on 127.0.0.1."""
         self.signer = signer
+        self.public_name = public_name
         self.accounts = dict(accounts)
         self.anonymous = Account("", dict(anonymous or {}))
         self.service = service
@@ -107,7 +110,7 @@ class TokenServer:
     def realm(self) -> str:
         if self._port is None:
             raise RuntimeError("TokenServer is not started")
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}/token"
+        return f"{'https' if self.tls else 'http'}://{self.public_name}:{self._port}/token"
 
     def tokens_for(self, user: str) -> list[Issued]:
         return [i for i in self.issued if i.user == user and i.status == 200]
