@@ -9,7 +9,7 @@ direct attempt fails at once and nothing leaves the machine).
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,57 +137,74 @@ async def test_a_proxy_that_is_not_there_is_named(registry: LocalRegistry, clean
     assert "HTTP_PROXY" in str(info.value)
 
 
+@pytest.fixture
+async def tunnel(clean_proxy_env: pytest.MonkeyPatch) -> AsyncIterator[TunnelProxy]:
+    """A CONNECT proxy named by HTTPS_PROXY; tests add its routes."""
+    proxy = TunnelProxy({})
+    await proxy.start()
+    clean_proxy_env.setenv("HTTPS_PROXY", proxy.url)
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+@pytest.fixture
+def named_tls_registry(pki: Pki, tunnel: TunnelProxy, tmp_path: Path) -> Iterator[Callable[..., LocalRegistry]]:
+    """``start(cert_name, **registry_options)``: a TLS registry whose certificate names only
+    ``cert_name``, routed by the tunnel as registry.test:PORT; stopped after the test."""
+    started: list[LocalRegistry] = []
+
+    def start(cert_name: str = "registry.test", **options: Any) -> LocalRegistry:
+        cert = pki.ca.issue(f"cert-{len(started)}", dns_names=(cert_name,))
+        registry = LocalRegistry(tmp_path / f"tls-registry-{len(started)}",
+                                 tls=TlsFiles(cert.cert_path, cert.key_path), **options)
+        registry.start()
+        started.append(registry)
+        tunnel.routes[f"registry.test:{registry.port}"] = registry.host
+        return registry
+
+    try:
+        yield start
+    finally:
+        for registry in started:
+            registry.stop()
+
+
 async def test_https_goes_through_a_connect_tunnel_and_still_checks_the_registry_name(
-        pki: Pki, unresolvable: list[str], clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path,
-        check_layout: CheckLayout) -> None:
+        pki: Pki, tunnel: TunnelProxy, named_tls_registry: Callable[..., LocalRegistry], unresolvable: list[str],
+        tmp_path: Path, check_layout: CheckLayout) -> None:
     """HTTPS_PROXY: the client asks the proxy for a tunnel to registry.test:PORT and speaks TLS
     through it, verifying the certificate against that name (not the proxy's address)."""
-    named = pki.ca.issue("registry-test", dns_names=("registry.test",))
-    registry = LocalRegistry(tmp_path / "tls-registry", tls=TlsFiles(named.cert_path, named.key_path))
-    registry.start()
-    tunnel = TunnelProxy({f"registry.test:{registry.port}": registry.host})
-    await tunnel.start()
-    try:
-        clean_proxy_env.setenv("HTTPS_PROXY", tunnel.url)
-        src = tmp_path / "src"
-        build_image(src, "v1", [300_000], seed=15)
-        target = f"registry.test:{registry.port}/through/tunnel:v1"
-        client = blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path)))
-        await client.push(src, target)
-        await client.pull(target, tmp_path / "out")
-        check_layout(tmp_path / "out")
-        assert unresolvable == [] and tunnel.tunnels and set(tunnel.tunnels) == {f"registry.test:{registry.port}"}
+    registry = named_tls_registry()
+    src = tmp_path / "src"
+    build_image(src, "v1", [300_000], seed=15)
+    target = f"registry.test:{registry.port}/through/tunnel:v1"
+    client = blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path)))
+    await client.push(src, target)
+    await client.pull(target, tmp_path / "out")
+    check_layout(tmp_path / "out")
+    assert unresolvable == [] and tunnel.tunnels and set(tunnel.tunnels) == {f"registry.test:{registry.port}"}
 
-        wrong = pki.ca.issue("registry-elsewhere", dns_names=("elsewhere.test",))  # a certificate for another name
-        registry.stop()
-        registry = LocalRegistry(tmp_path / "tls-registry-2", tls=TlsFiles(wrong.cert_path, wrong.key_path))
-        registry.start()
-        tunnel.routes = {f"registry.test:{registry.port}": registry.host}
-        with pytest.raises(blobflow.BlobflowError, match="not trusted"):
-            await blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path), retries=0)).pull(
-                f"registry.test:{registry.port}/through/tunnel:v1", tmp_path / "out2")
-    finally:
-        await tunnel.stop()
-        registry.stop()
+    elsewhere = named_tls_registry("elsewhere.test")  # a certificate for another name
+    with pytest.raises(blobflow.BlobflowError, match="not trusted"):
+        await blobflow.Client(blobflow.EngineConfig(ca_file=str(pki.ca.cert_path), retries=0)).pull(
+            f"registry.test:{elsewhere.port}/through/tunnel:v1", tmp_path / "out2")
 
 
 async def test_bearer_tokens_are_fetched_through_the_proxy_too(
-        pki: Pki, unresolvable: list[str], clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        pki: Pki, tunnel: TunnelProxy, named_tls_registry: Callable[..., LocalRegistry], unresolvable: list[str],
+        tmp_path: Path) -> None:
     """The token service is another host behind the proxy (auth.docker.io for Docker Hub): its
     requests take the same HTTPS_PROXY as the registry's."""
     auth_cert = pki.ca.issue("auth-test", dns_names=("auth.test",))
     tokens = TokenServer(pki.signer, accounts=ACCOUNTS, tls=auth_cert.server_context(), public_name="auth.test")
     await tokens.start()
-    named = pki.ca.issue("registry-test", dns_names=("registry.test",))
-    registry = LocalRegistry(tmp_path / "token-registry", tls=TlsFiles(named.cert_path, named.key_path),
-                             token_auth=TokenAuth(tokens.realm, tokens.service, tokens.issuer, pki.ca.cert_path))
-    registry.start()
-    auth_at = tokens.realm.removeprefix("https://").removesuffix("/token")
-    tunnel = TunnelProxy({f"registry.test:{registry.port}": registry.host,
-                          auth_at: auth_at.replace("auth.test", "127.0.0.1")})
-    await tunnel.start()
     try:
-        clean_proxy_env.setenv("HTTPS_PROXY", tunnel.url)
+        registry = named_tls_registry(
+            token_auth=TokenAuth(tokens.realm, tokens.service, tokens.issuer, pki.ca.cert_path))
+        auth_at = tokens.realm.removeprefix("https://").removesuffix("/token")
+        tunnel.routes[auth_at] = auth_at.replace("auth.test", "127.0.0.1")
         src = tmp_path / "src"
         build_image(src, "v1", [100_000], seed=16)
         host = f"registry.test:{registry.port}"
@@ -197,6 +214,4 @@ async def test_bearer_tokens_are_fetched_through_the_proxy_too(
         assert tokens.tokens_for(PUSHER), "no token was issued"
         assert auth_at in tunnel.tunnels and host in tunnel.tunnels and unresolvable == []
     finally:
-        await tunnel.stop()
-        registry.stop()
         await tokens.stop()
