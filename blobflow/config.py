@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from .errors import BadInputError
 
-__all__ = ["KNOWN_LIMITS", "EngineConfig", "RegistryLimits", "limits_for", "load_registry_limits", "parse_size"]
+__all__ = ["KNOWN_LIMITS", "NO_HOME", "EngineConfig", "RegistryLimits", "home_dir", "limits_for",
+           "load_registry_limits", "parse_size"]
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 KB, MB, GB = 1000, 1000**2, 1000**3
@@ -217,3 +218,15 @@ class EngineConfig:
         """``extra_limits`` (a limits file) over the built-in table, flags over both."""
         return limits_for(registry, max_layer_size=self.max_layer_size, upload_window=self.upload_window,
                           window_scope=self.window_scope, table=self.extra_limits)
+
+
+NO_HOME = "no home directory ($HOME is not set and the user has no passwd entry)"
+
+
+def home_dir() -> Path | None:
+    """The user's home directory; None without ``$HOME`` and a passwd entry (a container run as a
+    uid its image does not know), where ``Path.home()`` raises."""
+    try:
+        return Path.home()
+    except RuntimeError:
+        return None

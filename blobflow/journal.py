@@ -34,9 +34,10 @@ from typing import Any
 
 import xxhash
 
+from .config import NO_HOME, home_dir
 from .types import Digest, is_repository
 
-__all__ = ["NO_HOME", "DownloadRecord", "Journal", "KnownLocations", "UploadRecord", "default_state_dir",
+__all__ = ["DownloadRecord", "Journal", "KnownLocations", "UploadRecord", "default_state_dir",
            "range_checksum"]
 
 _VERSION = 1
@@ -45,18 +46,13 @@ _LOCATION_LINE = re.compile(
     r'^\{"digest": "(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})", "repository": "([a-z0-9._/-]+)"\}$', re.MULTILINE)
 
 
-NO_HOME = "no home directory ($HOME is not set and the user has no passwd entry)"
-
-
 def default_state_dir() -> Path | None:
     """``$XDG_STATE_HOME/blobflow``, else ``~/.local/state/blobflow``; None without either."""
     base = os.environ.get("XDG_STATE_HOME")
     if base:
         return Path(base) / "blobflow"
-    try:
-        return Path.home() / ".local" / "state" / "blobflow"
-    except RuntimeError:  # no $HOME and no passwd entry: a container run as an arbitrary uid
-        return None
+    home = home_dir()
+    return home / ".local" / "state" / "blobflow" if home is not None else None
 
 
 def range_checksum(read_at: Any, start: int, end: int, *, piece: int = 8 << 20) -> str:

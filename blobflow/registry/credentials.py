@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import NO_HOME, home_dir
 from ..errors import AuthError, BadInputError
-from ..journal import NO_HOME
 
 __all__ = ["Credentials", "docker_config_path", "load_credentials", "redact_all", "store_credentials"]
 
@@ -43,10 +43,8 @@ def docker_config_path() -> Path | None:
     base = os.environ.get("DOCKER_CONFIG")
     if base:
         return Path(base) / "config.json"
-    try:
-        return Path.home() / ".docker" / "config.json"
-    except RuntimeError:
-        return None
+    home = home_dir()
+    return home / ".docker" / "config.json" if home is not None else None
 
 
 def _config_keys(registry: str) -> list[str]:
