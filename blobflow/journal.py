@@ -86,7 +86,7 @@ class DownloadRecord:
 
     def save(self) -> bool:
         """Write the record; False when the state dir cannot keep it (nothing to resume from)."""
-        return _keep(self.journal, self.file, {
+        return self.journal is not None and self.journal.keep(self.file, {
             "version": _VERSION, "kind": "download", "digest": self.digest, "size": self.size,
             "partial": self.partial, "ranges": [list(r) for r in self.ranges]})
 
@@ -116,7 +116,7 @@ class UploadRecord:
 
     def save(self) -> bool:
         """Write the record (when this upload owns it); False when it was not written."""
-        return self.owned and _keep(self.journal, self.file, {
+        return self.owned and self.journal is not None and self.journal.keep(self.file, {
             "version": _VERSION, "kind": "upload", "digest": self.digest, "size": self.size,
             "location": self.location, "offset": self.offset, "opened_at": self.opened_at})
 
@@ -210,6 +210,17 @@ class Journal:
     def failed(self, e: OSError) -> None:
         """A record could not be written: keep none for the rest of the job, and say so once."""
         self._give_up(f"in {self.root}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+
+    def keep(self, file: Path, data: dict[str, Any]) -> bool:
+        """Write a record; False (and no more tries this job) when the state dir cannot take it."""
+        if self.unusable:
+            return False
+        try:
+            _write(file, data)
+        except OSError as e:
+            self.failed(e)
+            return False
+        return True
 
     def _give_up(self, why: str) -> None:
         if self.unusable:
@@ -309,21 +320,6 @@ def _read(file: Path) -> tuple[dict[str, Any] | None, str]:
         file.unlink(missing_ok=True)
         return None, f"discarded a corrupt resume record {file.name}"
     return data, ""
-
-
-def _keep(journal: Journal | None, file: Path, data: dict[str, Any]) -> bool:
-    """Write a record for ``journal``; on a state dir that cannot take it, tell the journal and
-    return False (without a journal, the error is raised)."""
-    if journal is not None and journal.unusable:
-        return False
-    try:
-        _write(file, data)
-    except OSError as e:
-        if journal is None:
-            raise
-        journal.failed(e)
-        return False
-    return True
 
 
 def _write(file: Path, data: dict[str, Any]) -> None:
