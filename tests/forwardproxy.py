@@ -13,11 +13,8 @@ import asyncio
 
 import aiohttp
 from aiohttp import hdrs, web
+from faultproxy import CHUNK, HOP_BY_HOP
 from yarl import URL
-
-CHUNK = 64 * 1024
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 
 
 class ForwardProxy:
