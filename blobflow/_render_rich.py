@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -47,8 +47,8 @@ class WindowColumn(ProgressColumn):
 class RichRenderer(LogRenderer):
     """Live bars per blob and overall (bytes, rate, ETA, and for uploads the window left) on a terminal."""
 
-    def __init__(self, *, verbose: bool, quiet: bool) -> None:
-        super().__init__(verbose=verbose, quiet=quiet)
+    def __init__(self, *, verbose: bool, quiet: bool, out: TextIO | None = None) -> None:
+        super().__init__(verbose=verbose, quiet=quiet, out=out)
         self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .codec import Codec
 from .config import EngineConfig
@@ -40,6 +42,7 @@ from .types import Descriptor, Digest, Reference
 __all__ = ["Client", "ImageResult", "Platform", "Result"]
 
 ImageResult = ImageOutcome
+_SPOOL_READ = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,29 +180,53 @@ class Client:
                                     convert=Codec.parse(recompress) if recompress else None)
 
     # -- single blobs ----------------------------------------------------------------------
-    async def blob_get(self, image: str, file: str | Path) -> Result:
+    async def blob_get(self, image: str, file: str | os.PathLike[str] | BinaryIO) -> Result:
+        """Download one blob into ``file``: a path (written under a temporary name, verified,
+        then renamed; an interrupted download resumes), or an open binary file such as
+        ``sys.stdout.buffer``. An open file gets the blob only once every byte of it is verified:
+        it is spooled to a temporary file under ``$TMPDIR`` first, which a later run does not
+        resume from."""
         ref = Reference.parse(image)
         if ref.digest is None:
             raise BadInputError(f"{image}: blob get needs IMAGE@sha256:<digest>")
+        if isinstance(file, str | os.PathLike):
+            return await self._blob_get(ref, FileEnd(Path(file)))
+        with tempfile.TemporaryDirectory(prefix="blobflow-") as tmp:
+            spool = Path(tmp) / "blob"
+            result = await self._blob_get(ref, FileEnd(spool, resumable=False))
+            await asyncio.to_thread(_copy_out, spool, file)
+        return result
+
+    async def _blob_get(self, ref: Reference, dst: FileEnd) -> Result:
+        assert ref.digest is not None
+        digest = ref.digest
         started = time.monotonic()
         async with self._job() as ctx:
             src = self._registry_end(ctx, ref)
-            digest = ref.digest
             size = await retrying(ctx, str(src), lambda: src.client.head_blob(ref.repository, digest))
             if size is None:
-                raise NotFoundError(f"{ref.registry}/{ref.repository}: blob {ref.digest} not found", status=404)
-            desc = Descriptor("application/octet-stream", ref.digest, size)
-            await ensure_blob(ctx, src, FileEnd(Path(file)), desc)
+                raise NotFoundError(f"{ref.registry}/{ref.repository}: blob {digest} not found", status=404)
+            await ensure_blob(ctx, src, dst, Descriptor("application/octet-stream", digest, size))
         return self._result("blob get", ctx, started, [])
 
-    async def blob_put(self, file: str | Path, repository: str) -> tuple[Result, Descriptor]:
-        path = Path(file)
+    async def blob_put(self, file: str | os.PathLike[str] | BinaryIO, repository: str
+                       ) -> tuple[Result, Descriptor]:
+        """Upload ``file`` (a path, or an open binary file such as ``sys.stdin.buffer``, read to
+        its end into a temporary file under ``$TMPDIR`` first: the digest goes before the bytes)."""
         ref = Reference.parse(repository)
-        try:
-            digest, size = await asyncio.to_thread(_hash_file, path)
-        except OSError as e:
-            raise BadInputError(f"cannot read {path}: {e.strerror}") from None
-        desc = Descriptor("application/octet-stream", digest, size)
+        if isinstance(file, str | os.PathLike):
+            path = Path(file)
+            try:
+                digest, size = await asyncio.to_thread(_hash_file, path)
+            except OSError as e:
+                raise BadInputError(f"cannot read {path}: {e.strerror}") from None
+            return await self._blob_put(path, ref, Descriptor("application/octet-stream", digest, size))
+        with tempfile.TemporaryDirectory(prefix="blobflow-") as tmp:
+            spool = Path(tmp) / "blob"
+            digest, size = await asyncio.to_thread(_spool, file, spool)
+            return await self._blob_put(spool, ref, Descriptor("application/octet-stream", digest, size))
+
+    async def _blob_put(self, path: Path, ref: Reference, desc: Descriptor) -> tuple[Result, Descriptor]:
         preflight_sizes(self.config, ref.registry, [desc])
         started = time.monotonic()
         async with self._job() as ctx:
@@ -237,11 +264,35 @@ async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst
 
 
 def _hash_file(path: Path) -> tuple[Digest, int]:
-    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(4 * 1024 * 1024):
-            h.update(chunk)
-            size += len(chunk)
+        return _hash_stream(f)
+
+
+def _hash_stream(src: BinaryIO, copy_to: BinaryIO | None = None) -> tuple[Digest, int]:
+    """sha256 and size of what ``src`` holds to its end, written on to ``copy_to`` as it is read."""
+    h, size = hashlib.sha256(), 0
+    while chunk := src.read(_SPOOL_READ):
+        h.update(chunk)
+        size += len(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
     return Digest("sha256", h.hexdigest()), size
 
 
+def _spool(src: BinaryIO, path: Path) -> tuple[Digest, int]:
+    with open(path, "xb") as out:
+        return _hash_stream(src, out)
+
+
+def _copy_out(path: Path, out: BinaryIO) -> None:
+    """``shutil.copyfileobj`` without its trust in ``write``: a write into a pipe whose reader left,
+    or one a signal cut short, takes part of the buffer and returns its count without raising."""
+    with open(path, "rb") as f:
+        while chunk := f.read(_SPOOL_READ):
+            view = memoryview(chunk)
+            while view:
+                n = out.write(view)
+                if not n:
+                    raise OSError(errno.EIO, "the output took no bytes")
+                view = view[n:]
+    out.flush()

@@ -174,11 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(bsub, "get", "download one blob to a file, verified",
                  "blobflow blob get localhost:5000/app@sha256:<64 hex> ./layer.tar.gz")
     p.add_argument("image", metavar="IMAGE@DIGEST")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="- for standard output: written once the whole blob is verified "
+                   "(spooled under $TMPDIR first; not resumed)")
     _common(p)
     p = _command(bsub, "put", "upload one file as a blob; prints its digest",
                  "blobflow blob put ./layer.tar.gz localhost:5000/app")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="- for standard input (read to its end under $TMPDIR first)")
     p.add_argument("repository", metavar="REPO")
     _common(p)
 
@@ -285,9 +286,9 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
     elif cmd == "mirror":
         return await _mirror(args, client, render)
     elif cmd == "blob" and args.blob_command == "get":
-        result = await client.blob_get(args.image, args.file)
+        result = await client.blob_get(args.image, sys.stdout.buffer if args.file == "-" else args.file)
     elif cmd == "blob":
-        result, desc = await client.blob_put(args.file, args.repository)
+        result, desc = await client.blob_put(sys.stdin.buffer if args.file == "-" else args.file, args.repository)
         if not args.json:
             print(desc.digest)
         render.result(result, {"digest": str(desc.digest), "size": desc.size})
@@ -496,11 +497,28 @@ def _renderer(args: argparse.Namespace) -> Renderer:
     if getattr(args, "json", False):
         return JsonRenderer()
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    out = sys.stderr if _blob_to_stdout(args) else None  # the summary line
     if sys.stderr.isatty() and not quiet and args.command in ("pull", "push", "copy", "blob", "mirror"):
         from ._render_rich import RichRenderer  # only on a terminal: rich is slow to import
 
-        return RichRenderer(verbose=verbose, quiet=quiet)
-    return LogRenderer(verbose=verbose, quiet=quiet)
+        return RichRenderer(verbose=verbose, quiet=quiet, out=out)
+    return LogRenderer(verbose=verbose, quiet=quiet, out=out)
+
+
+def _blob_to_stdout(args: argparse.Namespace) -> bool:
+    return bool(args.command == "blob" and args.blob_command == "get" and args.file == "-")
+
+
+def _check_stdio(args: argparse.Namespace) -> None:
+    """``blob get IMAGE -`` and ``blob put - REPO``: standard output or input carries the blob."""
+    if _blob_to_stdout(args):
+        if args.json:
+            raise BadInputError("blob get -: standard output carries the blob, so it cannot carry --json too; "
+                                "give a FILE")
+        if sys.stdout.isatty():
+            raise BadInputError("blob get -: standard output is a terminal; redirect it, or give a FILE")
+    if args.command == "blob" and args.blob_command == "put" and args.file == "-" and sys.stdin.isatty():
+        raise BadInputError("blob put -: standard input is a terminal; pipe the blob in, or give a FILE")
 
 
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -543,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("blobflow: warning: --insecure: TLS certificates are not verified; anyone on the network path "
               "can read and change what is sent, credentials included", file=sys.stderr)
     try:
+        _check_stdio(args)
         config = _config(args)
         from .api import Client
 

@@ -143,6 +143,7 @@ class CliResult:
     returncode: int
     stdout: str
     stderr: str
+    stdout_bytes: bytes = b""  # stdout as it came (``stdout`` is decoded)
 
     @property
     def output(self) -> str:
@@ -161,7 +162,8 @@ def cli() -> Cli:
     the current environment, which fixtures such as ``docker_config`` have already set up.
     """
 
-    async def run(*args: str, env: Mapping[str, str | None] | None = None, stdin: str | None = None) -> CliResult:
+    async def run(*args: str, env: Mapping[str, str | None] | None = None,
+                  stdin: str | bytes | None = None) -> CliResult:
         environ = dict(os.environ)
         for key, value in (env or {}).items():
             if value is None:
@@ -174,7 +176,7 @@ def cli() -> Cli:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(CLI_TIMEOUT):
-                out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+                out, err = await proc.communicate(stdin.encode() if isinstance(stdin, str) else stdin)
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -184,7 +186,7 @@ def cli() -> Cli:
             await proc.wait()
             raise
         assert proc.returncode is not None
-        return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+        return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), out)
 
     return run
 

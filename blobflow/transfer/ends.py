@@ -166,10 +166,12 @@ class LayoutEnd:
 
 
 class FileEnd:
-    """A single blob as a plain file (``blob get`` / ``blob put``)."""
+    """A single blob as a plain file (``blob get`` / ``blob put``). Not ``resumable``: a download
+    into it keeps no record and leaves no partial file for a later run (a temporary spool file)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, resumable: bool = True) -> None:
         self.path = path
+        self.resumable = resumable
 
     @property
     def key(self) -> str:
@@ -189,7 +191,7 @@ class FileEnd:
         return self.path
 
     def blob_writer(self, desc: Descriptor) -> BlobWriter:
-        return BlobWriter(self.path, desc.digest, desc.size, resumable=True)
+        return BlobWriter(self.path, desc.digest, desc.size, resumable=self.resumable)
 
 
 class StreamEnd:
