@@ -249,6 +249,41 @@ async def test_corrupt_layout_blob_fails_without_retry_and_commits_nothing(
         await client.inspect(f"{registry.host}/rel/bad:v1")
 
 
+async def test_truncated_layout_blob_fails_at_once_naming_the_corruption(
+    tmp_path: Path, registry: LocalRegistry,
+) -> None:
+    """A layer file shorter than its descriptor is a corrupt layout, not a transient fault: it
+    used to be retried 60 times (every attempt re-sent the same bytes and counted as progress)."""
+    root = tmp_path / "img"
+    build_image(root, "v1", [2 * MiB], seed=5)
+    manifest = json.loads((root / "blobs" / "sha256" /
+                           json.loads((root / "index.json").read_text())["manifests"][0]["digest"][7:]).read_text())
+    layer = root / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]
+    layer.write_bytes(layer.read_bytes()[:MiB])
+    events: list[blobflow.Event] = []
+    client = blobflow.Client(_config(tmp_path), listener=events.append)
+    with pytest.raises(blobflow.DigestMismatchError, match=r"local file is corrupt \(it ends after 1,048,576 of"):
+        await client.push(root, f"{registry.host}/rel/short:v1")
+    assert [e for e in events if e.kind == "retry"] == []
+    with pytest.raises(blobflow.NotFoundError):
+        await client.inspect(f"{registry.host}/rel/short:v1")
+
+
+async def test_attempts_that_resend_the_same_bytes_use_up_the_retries(
+    tmp_path: Path, registry: LocalRegistry, proxy: MakeProxy,
+) -> None:
+    """Every PUT of the blob answered 500: retries + 1 attempts, then the error. Sending the same
+    bytes again is not progress (a sum of bytes sent made each attempt look like some, and the
+    upload was tried 60 times)."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(MiB))
+    failing = await proxy(registry, Faults(status={500: 1.0}, match=lambda r: r.method == "PUT"))
+    client = blobflow.Client(_config(tmp_path, retries=2))
+    with pytest.raises(blobflow.RegistryError, match="500"):
+        await client.blob_put(blob, f"{failing.host}/rel/put500")
+    assert failing.counters["status:500"] == 3
+
+
 async def test_wrong_credentials_exit_2_naming_the_registry_without_the_secret(
     auth_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

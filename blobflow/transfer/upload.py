@@ -60,7 +60,7 @@ class Push:
         self.local = local
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
-        self._sent_total = 0
+        self._reached = 0  # the furthest offset any attempt has sent the blob up to
         # a blob that goes in one PUT has nothing to resume (if a cap learned later makes it go in
         # chunks after all, those are not resumable by a later run: a few MiB at most)
         self.record = ctx.journal.upload(dst.client.registry, dst.repository, desc.digest, desc.size,
@@ -169,8 +169,11 @@ class Push:
 
     @property
     def progress(self) -> int:
-        """The highest offset the registry confirmed or bytes sent on this blob (grows as it advances)."""
-        return self._sent_total
+        """The furthest offset an attempt has sent the blob up to: it grows only when an attempt
+        gets further than every one before it. (A sum of the bytes sent grew with every attempt
+        that sent the same bytes again, so the retry layer took each for progress: a truncated
+        layer file was tried 60 times.)"""
+        return self._reached
 
     def _save(self) -> None:
         """Journal the session and the offset the registry confirmed, for a later run."""
@@ -220,7 +223,7 @@ class _Outgoing:
         if self.tail:
             chunk, self.tail = self.tail, b""
             return chunk
-        size, digest = self.push.desc.size, self.push.desc.digest.short
+        size = self.push.desc.size
         while True:
             try:
                 chunk = await anext(self.chunks)
@@ -232,8 +235,7 @@ class _Outgoing:
                 await self._reopen(e)
                 continue
             if self.read_pos + len(chunk) > size:
-                raise DigestMismatchError(f"blob {digest}: source has more bytes than its size {size}",
-                                          retryable=not self.push.local)
+                raise self._wrong_source(f"more bytes than the blob's size {size:,}")
             # hashed in the loop's thread (hashlib lets go of the GIL for large buffers): a
             # worker-thread hop per chunk cost more CPU than it saved (copy of 1 GiB: -0.4 CPU-s)
             self.h.update(chunk)
@@ -275,19 +277,30 @@ class _Outgoing:
                 await self.push.ticket.pace(len(chunk))
             n -= len(chunk)
             self.sent += len(chunk)
-            self.push._sent_total += len(chunk)
+            self.push._reached = max(self.push._reached, self.sent)
             self.push.ctx.emit(Event("bytes", digest, n=len(chunk)))
             yield chunk
 
     def check(self) -> None:
         desc = self.push.desc
         if self.sent != desc.size or self.read_pos != desc.size:
+            if self.push.local:  # a file that ends early stays so: a retry reads the same bytes
+                raise self._wrong_source(f"it ends after {self.read_pos:,} of the blob's {desc.size:,} bytes")
             raise TransferError(f"blob {desc.digest.short}: source ended after {self.read_pos} of "
                                 f"{desc.size} bytes", retryable=True)
         if self.h.hexdigest() != desc.digest.hex:
-            where = "the local file is corrupt" if self.push.local else "source bytes do not match the digest"
-            raise DigestMismatchError(f"blob {desc.digest}: {where}; not committed",
-                                      retryable=not self.push.local)
+            raise self._wrong_source("")
+
+    def _wrong_source(self, detail: str) -> DigestMismatchError:
+        """The source's bytes are not the blob (``detail``: how, when not just by their digest).
+        From a file, it is corrupt and no retry helps; from a registry, they may have been
+        corrupted on the way."""
+        desc, local = self.push.desc, self.push.local
+        if local:
+            what = f"the local file is corrupt ({detail})" if detail else "the local file is corrupt"
+        else:
+            what = f"the source sent {detail or 'bytes that do not match the digest'}"
+        return DigestMismatchError(f"blob {desc.digest}: {what}; not committed", retryable=not local)
 
     async def aclose(self) -> None:
         with contextlib.suppress(TimeoutError):
