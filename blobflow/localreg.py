@@ -62,7 +62,9 @@ class LocalRegistry:
     """A throwaway CNCF Distribution registry (the `docker-registry` binary) on 127.0.0.1.
 
     Plain HTTP without auth by default; ``htpasswd`` adds basic auth, ``token_auth`` bearer tokens
-    from a token service (the two are exclusive), ``tls`` serves HTTPS.
+    from a token service (the two are exclusive), ``tls`` serves HTTPS, ``read_only`` refuses
+    every write (Distribution's maintenance mode), ``pull_through`` makes it a pull-through cache
+    of the registry at that URL.
     """
 
     def __init__(
@@ -75,6 +77,8 @@ class LocalRegistry:
         log_level: str = "error",
         tls: TlsFiles | None = None,
         token_auth: TokenAuth | None = None,
+        read_only: bool = False,
+        pull_through: str | None = None,
     ) -> None:
         if htpasswd is not None and token_auth is not None:
             raise ValueError("a registry has one auth method: htpasswd or token_auth, not both")
@@ -82,6 +86,8 @@ class LocalRegistry:
         self.htpasswd = htpasswd
         self.tls = tls
         self.token_auth = token_auth
+        self.read_only = read_only
+        self.pull_through = pull_through
         self.binary = binary
         self.log_level = log_level
         self.storage = self.root / "storage"
@@ -204,6 +210,10 @@ class LocalRegistry:
             "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
             "health": {"storagedriver": {"enabled": False}},
         }
+        if self.read_only:  # Distribution's maintenance mode: reads only, writes get 405
+            config["storage"]["maintenance"]["readonly"] = {"enabled": True}
+        if self.pull_through:
+            config["proxy"] = {"remoteurl": self.pull_through}
         if self.htpasswd is not None:
             config["auth"] = {"htpasswd": {"realm": "blobflow-test", "path": str(self.htpasswd.resolve())}}
         if self.token_auth is not None:

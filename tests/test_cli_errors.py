@@ -612,3 +612,28 @@ async def test_bench_outputs_that_could_not_be_written_are_refused_before_the_ru
     missing = tmp_path / "no-such-dir" / "report.json"
     line = assert_one_line_error(await cli("bench", "--plain-http", target, "--json", str(missing)), 2)
     assert line == f"blobflow: --json {missing}: no directory {missing.parent}"
+
+
+# -- registries that take no pushes -------------------------------------------------------------
+
+async def test_push_to_a_registry_that_takes_no_pushes_says_so(registry: LocalRegistry, cli: Cli,
+                                                              tmp_path: Path) -> None:
+    """Distribution read-only (405 with Allow) and as a pull-through cache (405 UNSUPPORTED): one
+    line that says why, not just "405 Method Not Allowed"."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [64 * KiB], seed=12)
+    read_only = LocalRegistry(tmp_path / "ro", read_only=True)
+    cache = LocalRegistry(tmp_path / "cache", pull_through=registry.url)
+    read_only.start()
+    cache.start()
+    try:
+        results = await run_table(cli, {"read-only": ["push", str(src), f"{read_only.host}/r:v1"],
+                                        "pull-through": ["push", str(src), f"{cache.host}/r:v1"]})
+    finally:
+        read_only.stop()
+        cache.stop()
+
+    line = assert_one_line_error(results["read-only"], 1)
+    assert "takes no POST here (it allows GET, HEAD)" in line and "read-only" in line, line
+    line = assert_one_line_error(results["pull-through"], 1)
+    assert "UNSUPPORTED" in line and "takes no POST here: it may be read-only, or a pull-through cache" in line, line

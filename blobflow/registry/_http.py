@@ -23,6 +23,7 @@ from ..errors import AuthError, BadInputError, BlobflowError, ConnectError, NotF
 __all__ = ["MAX_ERROR_BODY", "mapped", "open_session", "proxy_for", "raise_for", "retry_after", "tls_context"]
 
 MAX_ERROR_BODY = 64 * 1024
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 Redact = Callable[[str], str]
 
 
@@ -225,6 +226,11 @@ async def raise_for(resp: aiohttp.ClientResponse, what: str, *, redact: Redact |
     text = f"{what}: {resp.status} {code or resp.reason}" + (f": {message}" if message else "")
     if detail and detail not in ("null", '""', "{}"):
         text += f" ({detail})"
+    if resp.status == 405 and resp.method in _WRITES:
+        # Distribution answers so in read-only mode (with Allow) and as a pull-through cache
+        allow = resp.headers.get("Allow")
+        text += (f"; the registry takes no {resp.method} here{f' (it allows {allow})' if allow else ''}: "
+                 "it may be read-only, or a pull-through cache, which takes no pushes")
     if redact is not None:
         text, detail = redact(text), redact(detail)
     cls = RegistryError
