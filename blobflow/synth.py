@@ -114,9 +114,33 @@ def _image(layout: Layout, rng: random.Random, layer_sizes: Sequence[int], platf
                       platform={"os": platform[0], "architecture": platform[1]})
 
 
+def _attestation(layout: Layout, subject: Descriptor) -> Descriptor:
+    """An attestation manifest of ``subject`` as buildx writes one beside each platform's image
+    (an in-toto statement layer; the index lists it as platform unknown/unknown)."""
+    statement = json.dumps({"_type": "https://in-toto.io/Statement/v0.1",
+                            "predicateType": "https://slsa.dev/provenance/v0.2",
+                            "subject": [{"name": "synth", "digest": {"sha256": subject.digest.hex}}],
+                            "predicate": {"builder": {"id": "blobflow synth"}}}).encode()
+    config = json.dumps({"architecture": "unknown", "os": "unknown", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [str(Digest.of(statement))]}}).encode()
+    manifest = {
+        "schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": str(layout.write_blob(config)), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": str(layout.write_blob(statement)),
+                    "size": len(statement),
+                    "annotations": {"in-toto.io/predicate-type": "https://slsa.dev/provenance/v0.2"}}],
+    }
+    data = json.dumps(manifest, indent=2).encode()
+    return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob(data), len(data),
+                      annotations={"vnd.docker.reference.digest": str(subject.digest),
+                                   "vnd.docker.reference.type": "attestation-manifest"},
+                      platform={"os": "unknown", "architecture": "unknown"})
+
+
 def build_image(root: Path | str, tag: str, layer_sizes: Sequence[int], *, seed: int | None = None,
                 platforms: Sequence[str] = (), base_layers: Sequence[int] = (),
-                base_seed: int | None = None, compression: Literal["none", "gzip"] = "gzip") -> Descriptor:
+                base_seed: int | None = None, compression: Literal["none", "gzip"] = "gzip",
+                attestations: bool = False) -> Descriptor:
     """Write an image tagged ``tag`` into the layout at ``root`` (created when missing).
 
     Without ``platforms`` the image is one linux/amd64 manifest. With platforms (``os/arch``) it
@@ -124,6 +148,8 @@ def build_image(root: Path | str, tag: str, layer_sizes: Sequence[int], *, seed:
     ``layer_sizes`` are made anew for each. With ``base_seed`` the base layers come from their own
     generator, so images built with different seeds share them (as images on one base image do).
     ``compression="none"``: the layers are plain tars (``application/vnd.oci.image.layer.v1.tar``).
+    ``attestations``: the index also lists an attestation manifest of each platform's image after
+    the images, as buildx does.
     """
     layout = Layout.create(root)
     rng = random.Random(seed if seed is not None else secrets.randbits(64))
@@ -138,6 +164,8 @@ def build_image(root: Path | str, tag: str, layer_sizes: Sequence[int], *, seed:
         for p in platforms:
             os_name, _, arch = p.partition("/")
             children.append(_image(layout, rng, layer_sizes, (os_name, arch), base, compression))
+        if attestations:
+            children += [_attestation(layout, c) for c in list(children)]
         index = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": [c.to_json() for c in children]}
         data = json.dumps(index, indent=2).encode()
         desc = Descriptor(MEDIA_OCI_INDEX, layout.write_blob(data), len(data))

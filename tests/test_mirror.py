@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -333,6 +334,36 @@ async def test_a_platform_selection_is_up_to_date_next_time_without_a_source_get
     assert await run() == (["up to date"], 0)
     write('platforms = ["linux/amd64", "linux/arm64", "linux/s390x"]')  # all of them: the same index
     assert await run() == (["up to date"], 0)
+
+
+async def test_a_platform_selection_keeps_the_attestations_of_its_images(
+    registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path,
+) -> None:
+    """buildx lists an attestation manifest (SBOM, provenance; platform unknown/unknown) beside each
+    platform's image. A selection keeps those of the images it keeps; selecting every platform
+    keeps the source's own index, digest and all (it used to be rewritten without them)."""
+    build_image(tmp_path / "img", "1.0", [16 * KiB], seed=91, platforms=["linux/amd64", "linux/arm64"],
+                attestations=True)
+    await blobflow.Client().push(tmp_path / "img", f"{registry.host}/lib/att:1.0")
+    client = blobflow.Client(blobflow.EngineConfig(plain_http=True))
+    source = await client.inspect(f"{registry.host}/lib/att:1.0")
+    images = {c["platform"]["architecture"]: c["digest"] for c in source.doc["manifests"]
+              if c["platform"]["os"] != "unknown"}
+    plan = tmp_path / "plan.toml"
+
+    async def mirror(platforms: str, repo: str) -> dict[str, Any]:
+        plan.write_text(f'[[mirror]]\nsource = "{registry.host}/lib/att"\ndestination = "{registry2.host}/{repo}"\n'
+                        f'tags = ["1.0"]\n{platforms}\n')
+        code, out, err = await _mirror(plan, "--state-dir", str(tmp_path / "state"))
+        assert code == 0, (out, err)
+        return (await client.inspect(f"{registry2.host}/{repo}:1.0")).doc
+
+    some = await mirror('platforms = ["linux/arm64"]', "m/some")
+    assert [(c["platform"]["architecture"], (c.get("annotations") or {}).get("vnd.docker.reference.digest"))
+            for c in some["manifests"]] == [("arm64", None), ("unknown", images["arm64"])]
+    every = await mirror('platforms = ["linux/amd64", "linux/arm64"]', "m/every")
+    assert every == source.doc
+    assert (await client.inspect(f"{registry2.host}/m/every:1.0")).digest == source.digest
 
 
 async def test_a_flaky_source_and_destination_are_retried_down_to_every_head(
