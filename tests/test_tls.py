@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
+from typing import Any
 
+import pytest
 from authenv import PUSHER, PUSHER_PASSWORD, DockerHome, Pki, RunCli, TokenRegistry
 from conftest import CheckLayout
 
@@ -87,3 +90,24 @@ async def test_unusable_ca_file_is_bad_input(docker_home: DockerHome, run_cli: R
                                         run_cli("tags", "127.0.0.1:9/x", "--ca-file", str(garbage)))
     assert missing.returncode == 2 and "--ca-file" in missing.stderr and "no such file" in missing.stderr
     assert bad.returncode == 2 and "not a readable PEM bundle" in bad.stderr, bad.output
+
+
+async def test_a_registry_that_speaks_plain_http_is_named_with_the_flag_to_reach_it(
+    registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A registry not on loopback is reached over HTTPS only (no silent downgrade). When it
+    answers in plain HTTP, the handshake error says so and names --plain-http, without retries.
+    (``plain.test`` is the plain-HTTP test registry under a name that is not loopback.)"""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("127.0.0.1" if host == "plain.test" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    events: list[blobflow.Event] = []
+    image = f"plain.test:{registry.port}/r:v1"
+    with pytest.raises(blobflow.TransferError, match="speak plain HTTP: if it does, pass --plain-http"):
+        await blobflow.Client(listener=events.append).inspect(image)
+    assert [e for e in events if e.kind == "retry"] == []
+    with pytest.raises(blobflow.NotFoundError):  # with the flag: the registry, which has no such image
+        await blobflow.Client(EngineConfig(plain_http=True)).inspect(image)

@@ -128,6 +128,10 @@ def open_session(*, connections_per_host: int, connect_timeout: float, read_time
                                  headers={"User-Agent": "blobflow/0.1"})
 
 
+# what OpenSSL says when the answer to its ClientHello is not TLS at all (an HTTP response)
+_PLAIN_HTTP_ANSWERS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
 def _verify_reason(err: BaseException) -> str:
     return str(getattr(err, "verify_message", None) or getattr(err, "reason", None) or err)
 
@@ -160,8 +164,10 @@ def _translated(what: str) -> Iterator[None]:
                             f"({_verify_reason(e.certificate_error)}); if the registry uses a private CA, "
                             "pass its certificate with --ca-file FILE") from None
     except aiohttp.ClientConnectorSSLError as e:
-        raise TransferError(f"{what}: TLS handshake with {e.host}:{e.port} failed ({_verify_reason(e.os_error)})"
-                            ) from None
+        why = _verify_reason(e.os_error)
+        if any(s in why.upper() for s in _PLAIN_HTTP_ANSWERS):
+            why += "; the registry seems to speak plain HTTP: if it does, pass --plain-http"
+        raise TransferError(f"{what}: TLS handshake with {e.host}:{e.port} failed ({why})") from None
     except aiohttp.ClientProxyConnectionError as e:
         reason = e.os_error.strerror or e.os_error
         raise ConnectError(f"{what}: cannot connect to the proxy {e.host}:{e.port} ({reason}; set by HTTPS_PROXY "
