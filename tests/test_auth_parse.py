@@ -212,6 +212,9 @@ known = {{
     "https://index.docker.io/v1/": {{"Username": "hub", "Secret": "hub-s3cret"}},
     "token.example": {{"Username": "<token>", "Secret": "identity-s3cret"}},
 }}
+if server == "expired.example":
+    print("error getting credentials: the login of your cloud account has expired", file=sys.stderr)
+    sys.exit(1)
 if server not in known:
     print("credentials not found in native keychain")
     sys.exit(1)
@@ -243,6 +246,15 @@ def test_cred_helper_without_entry_falls_back_to_auths(tmp_path: Path, helper_bi
     creds = load_credentials("plain.example", path=path)
     assert (creds.username, creds.password) == ("dave", "pw")
     assert (helper_bin / "asked.log").read_text().split() == ["plain.example"]
+
+
+def test_cred_helper_that_fails_is_auth_error_saying_why(tmp_path: Path, helper_bin: Path) -> None:
+    """Not "credentials not found" but a failure (an expired cloud login): named, as docker and
+    crane do, not taken for an anonymous registry that answers 401 later."""
+    path = _write_config(tmp_path, {"credHelpers": {"expired.example": "blobtest"}})
+    with pytest.raises(AuthError, match=r"docker-credential-blobtest failed for expired.example \(exit 1\): "
+                                        "error getting credentials: the login of your cloud account has expired"):
+        load_credentials("expired.example", path=path)
 
 
 def test_cred_helper_missing_is_auth_error(tmp_path: Path, helper_bin: Path) -> None:

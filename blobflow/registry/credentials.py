@@ -103,6 +103,9 @@ def load_credentials(registry: str, *, path: Path | None = None) -> Credentials:
     return Credentials(user, pw, entry.get("identitytoken", ""))
 
 
+_NOT_FOUND = "credentials not found"
+
+
 def _from_helper(helper: str, registry: str) -> Credentials:
     prog = f"docker-credential-{helper}"
     server = _server_url(registry)
@@ -113,7 +116,13 @@ def _from_helper(helper: str, registry: str) -> Credentials:
     except subprocess.TimeoutExpired:
         raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
     if proc.returncode != 0:
-        return Credentials()  # "credentials not found in native keychain"
+        said = (proc.stdout.strip() or proc.stderr.strip()).decode(errors="replace")
+        if _NOT_FOUND in said.lower():  # what every helper built on docker-credential-helpers says
+            return Credentials()
+        # anything else is a failure (expired cloud login, locked keychain), as docker and crane
+        # take it: going on anonymously would end in a 401 that never names the helper
+        reason = said.splitlines()[0][:200] if said else "no output"
+        raise AuthError(f"credential helper {prog} failed for {registry} (exit {proc.returncode}): {reason}")
     try:
         data = json.loads(proc.stdout)
         user, secret = str(data.get("Username", "")), str(data.get("Secret", ""))
