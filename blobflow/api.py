@@ -13,11 +13,12 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .codec import Codec
 from .config import EngineConfig
@@ -43,6 +44,7 @@ __all__ = ["Client", "ImageResult", "Platform", "Result"]
 
 ImageResult = ImageOutcome
 _SPOOL_READ = 4 * 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,7 @@ class Client:
         with tempfile.TemporaryDirectory(prefix="blobflow-") as tmp:
             spool = Path(tmp) / "blob"
             result = await self._blob_get(ref, FileEnd(spool, resumable=False))
-            await asyncio.to_thread(_copy_out, spool, file)
+            await _in_own_thread(lambda: _copy_out(spool, file))
         return result
 
     async def _blob_get(self, ref: Reference, dst: FileEnd) -> Result:
@@ -223,7 +225,7 @@ class Client:
             return await self._blob_put(path, ref, Descriptor("application/octet-stream", digest, size))
         with tempfile.TemporaryDirectory(prefix="blobflow-") as tmp:
             spool = Path(tmp) / "blob"
-            digest, size = await asyncio.to_thread(_spool, file, spool)
+            digest, size = await _in_own_thread(lambda: _spool(file, spool))
             return await self._blob_put(spool, ref, Descriptor("application/octet-stream", digest, size))
 
     async def _blob_put(self, path: Path, ref: Reference, desc: Descriptor) -> tuple[Result, Descriptor]:
@@ -282,6 +284,33 @@ def _hash_stream(src: BinaryIO, copy_to: BinaryIO | None = None) -> tuple[Digest
 def _spool(src: BinaryIO, path: Path) -> tuple[Digest, int]:
     with open(path, "xb") as out:
         return _hash_stream(src, out)
+
+
+async def _in_own_thread(fn: Callable[[], T]) -> T:
+    """``fn`` (reading a caller's stream, or writing one) in a daemon thread of its own, not the
+    loop's executor: executor threads are joined when the loop closes, so one blocked on a pipe
+    that never ends or is never read kept Ctrl-C and SIGTERM from ending the command. Cancelled,
+    the caller goes on at once; the thread is left to its read or write."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not done.done():
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as e:  # handed to the awaiting task
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="blobflow-stdio", daemon=True).start()
+    return await done
 
 
 def _copy_out(path: Path, out: BinaryIO) -> None:

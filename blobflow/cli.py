@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from . import __version__
 from ._render import JsonRenderer, LogRenderer, Renderer
@@ -286,7 +286,7 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
     elif cmd == "mirror":
         return await _mirror(args, client, render)
     elif cmd == "blob" and args.blob_command == "get":
-        result = await client.blob_get(args.image, sys.stdout.buffer if args.file == "-" else args.file)
+        result = await client.blob_get(args.image, _raw_stdout() if args.file == "-" else args.file)
     elif cmd == "blob":
         result, desc = await client.blob_put(sys.stdin.buffer if args.file == "-" else args.file, args.repository)
         if not args.json:
@@ -509,6 +509,16 @@ def _blob_to_stdout(args: argparse.Namespace) -> bool:
     return bool(args.command == "blob" and args.blob_command == "get" and args.file == "-")
 
 
+def _raw_stdout() -> BinaryIO:
+    """Standard output without sys.stdout's buffer: a write blocked on a pipe nobody reads must not
+    hold that buffer's lock, which the exit after Ctrl-C or SIGTERM takes to flush it."""
+    return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
+
+
+def _blob_via_stdio(args: argparse.Namespace) -> bool:
+    return bool(args.command == "blob" and args.file == "-")
+
+
 def _check_stdio(args: argparse.Namespace) -> None:
     """``blob get IMAGE -`` and ``blob put - REPO``: standard output or input carries the blob."""
     if _blob_to_stdout(args):
@@ -569,7 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with render:
             return _event_loop_runner()(_stoppable(_run(args, client, render)))
     except KeyboardInterrupt:
-        render.error("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
+        if _blob_via_stdio(args):
+            render.error("interrupted; a blob through standard input or output is not resumed", EXIT_INTERRUPTED)
+        else:
+            render.error("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_FAILED

@@ -94,6 +94,7 @@ async def test_blob_get_to_stdout_interrupted_writes_nothing_and_leaves_no_spool
             await proc.wait()
 
     assert proc.returncode == 130, err.decode()
+    assert "not resumed" in err.decode()
     assert out == b""
     assert list(tmpdir.iterdir()) == []
 
@@ -164,3 +165,41 @@ async def test_api_blob_get_and_put_with_file_objects(registry: LocalRegistry, t
     result = await client.blob_get(f"{registry.host}/api@{desc.digest}", out)
     assert out.getvalue() == data
     assert result.bytes == len(data)
+
+
+async def test_sigterm_ends_a_command_stuck_on_a_pipe(registry: LocalRegistry, tmp_path: Path) -> None:
+    """Standard input that never ends, standard output nobody reads: SIGTERM still ends the
+    command at once (exit 130, no spool left). The blocked read or write used to hold the event
+    loop's shutdown until the pipe moved."""
+    digest = await put_blob(registry, os.urandom(4 * MiB), tmp_path)  # more than a pipe holds
+    tmpdir = spool_dir(tmp_path)
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    put = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "blobflow", "blob", "put", "-", f"{registry.host}/never-ends", env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    get = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "blobflow", "blob", "get", f"{registry.host}/r@{digest}", "-", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert put.stdin is not None
+        put.stdin.write(b"some bytes, and then nothing more for ever")
+        await put.stdin.drain()
+        async with asyncio.timeout(30):
+            # both spools are there, and the get's is complete: it is writing into the full pipe
+            while len(list(tmpdir.glob("blobflow-*"))) < 2 or not list(tmpdir.glob("blobflow-*/blob")):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        for proc in (put, get):
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            # the exit itself: wait() would also wait for the end of the pipe this test never reads
+            while put.returncode is None or get.returncode is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        codes = [put.returncode, get.returncode]
+    finally:
+        for proc in (put, get):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.communicate()
+    assert codes == [130, 130]
+    assert list(tmpdir.iterdir()) == []
