@@ -372,8 +372,7 @@ async def _login(args: argparse.Namespace, config: EngineConfig) -> int:
     """Credentials are stored only after the registry (or its token service) accepted them."""
     from .registry import RegistryPool, store_credentials
 
-    ref = _login_registry(args.registry)
-    creds = await asyncio.to_thread(_login_input, args)
+    ref, creds = args.login
     pool = RegistryPool(connections_per_host=config.connections_per_host, connect_timeout=config.connect_timeout,
                         read_timeout=config.read_timeout, plain_http=config.plain_http, ca_file=config.ca_file,
                         insecure=config.insecure, credentials={ref.registry: creds})
@@ -573,6 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_stdio(args)
         config = _config(args)
+        if args.command == "login":
+            # asked before the event loop starts: Ctrl-C at the prompt ends the command at once
+            # (a prompt in a worker thread held the loop's shutdown until a line came), and
+            # getpass gets to restore the terminal's echo
+            args.login = (_login_registry(args.registry), _login_input(args))
         from .api import Client
 
         client = Client(config, listener=render)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 from authenv import PUSHER, PUSHER_PASSWORD, DockerHome, RunCli, TokenRegistry
-from conftest import AUTH_PASSWORD, AUTH_USER
+from conftest import AUTH_PASSWORD, AUTH_USER, sigint_as_at_a_terminal
 
 from blobflow.errors import BadInputError
 from blobflow.localreg import LocalRegistry
@@ -88,6 +91,37 @@ async def test_login_refuses_a_password_it_cannot_read_safely(docker_home: Docke
     assert no_stdin.returncode == 2 and "--password-stdin" in no_stdin.stderr
     assert no_user.returncode == 2 and "-u USER" in no_user.stderr
     assert bad_host.returncode == 2 and "invalid registry" in bad_host.stderr
+    assert not docker_home.config_path.exists()
+
+
+async def test_ctrl_c_at_the_password_prompt_ends_login_at_once(docker_home: DockerHome) -> None:
+    """The prompt is on a terminal (a pty of the test's; its own session, so not the terminal
+    running the tests). The prompt used to wait in a worker thread, which held the exit after
+    Ctrl-C until a line was typed."""
+    leader, follower = os.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blobflow", "login", "localhost:5000", "-u", "me", stdin=follower,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            preexec_fn=sigint_as_at_a_terminal)
+        assert proc.stderr is not None
+        try:
+            async with asyncio.timeout(30):
+                prompt = await proc.stderr.readuntil(b"Password: ")
+            proc.send_signal(signal.SIGINT)
+            async with asyncio.timeout(10):
+                rest = await proc.stderr.read()
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert prompt.endswith(b"Password: ")
+    assert code == 130, rest.decode()
+    assert b"interrupted" in rest
     assert not docker_home.config_path.exists()
 
 
