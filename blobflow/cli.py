@@ -504,18 +504,18 @@ def _renderer(args: argparse.Namespace) -> Renderer:
     return LogRenderer(verbose=verbose, quiet=quiet, out=out)
 
 
+def _blob_via_stdio(args: argparse.Namespace) -> bool:
+    return bool(args.command == "blob" and args.file == "-")
+
+
 def _blob_to_stdout(args: argparse.Namespace) -> bool:
-    return bool(args.command == "blob" and args.blob_command == "get" and args.file == "-")
+    return _blob_via_stdio(args) and args.blob_command == "get"
 
 
 def _raw_stdout() -> BinaryIO:
     """Standard output without sys.stdout's buffer: a write blocked on a pipe nobody reads must not
     hold that buffer's lock, which the exit after Ctrl-C or SIGTERM takes to flush it."""
     return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
-
-
-def _blob_via_stdio(args: argparse.Namespace) -> bool:
-    return bool(args.command == "blob" and args.file == "-")
 
 
 def _check_stdio(args: argparse.Namespace) -> None:
@@ -526,7 +526,7 @@ def _check_stdio(args: argparse.Namespace) -> None:
                                 "give a FILE")
         if sys.stdout.isatty():
             raise BadInputError("blob get -: standard output is a terminal; redirect it, or give a FILE")
-    if args.command == "blob" and args.blob_command == "put" and args.file == "-" and sys.stdin.isatty():
+    if _blob_via_stdio(args) and args.blob_command == "put" and sys.stdin.isatty():
         raise BadInputError("blob put -: standard input is a terminal; pipe the blob in, or give a FILE")
 
 
