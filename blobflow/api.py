@@ -192,7 +192,7 @@ class Client:
         if ref.digest is None:
             raise BadInputError(f"{image}: blob get needs IMAGE@sha256:<digest>")
         if isinstance(file, str | os.PathLike):
-            return await self._blob_get(ref, FileEnd(Path(file)))
+            return await self._blob_get(ref, FileEnd(_writable_file(Path(file))))
         with tempfile.TemporaryDirectory(prefix="blobflow-") as tmp:
             spool = Path(tmp) / "blob"
             result = await self._blob_get(ref, FileEnd(spool, resumable=False))
@@ -263,6 +263,16 @@ async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst
     ctx.emit(Event("info", target=where, detail=(
         f"{where} already holds {what} ({source.short}) converted to {codec}: nothing to {op}")))
     return ImageOutcome(what, where, str(current), 0, 0)
+
+
+def _writable_file(path: Path) -> Path:
+    """``path`` as a place for a new file: bad input when it is a directory or its directory is
+    missing (found after the download, the blob was left in a partial file beside it)."""
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory: give a file name for the blob")
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path}: no directory {path.parent}")
+    return path
 
 
 def _hash_file(path: Path) -> tuple[Digest, int]:

@@ -323,6 +323,25 @@ async def test_blob_get_corrupt_bytes_leave_no_file(registry: LocalRegistry, pro
     assert list(out.iterdir()) == []
 
 
+async def test_blob_get_into_a_directory_or_a_missing_one_is_bad_input(registry: LocalRegistry, cli: Cli,
+                                                                         tmp_path: Path) -> None:
+    """Found before the download, not at the rename after it, which left the verified blob in a
+    ``.partial`` file beside the directory (and a resume record pointing at it)."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * 5000)
+    _, desc = await blobflow.Client().blob_put(blob, f"{registry.host}/r")
+    out = tmp_path / "out"
+    out.mkdir()
+    image = f"{registry.host}/r@{desc.digest}"
+
+    results = await run_table(cli, {"directory": ["blob", "get", image, str(out)],
+                                    "missing": ["blob", "get", image, str(out / "no" / "f")]})
+
+    assert "is a directory" in assert_one_line_error(results["directory"], 2)
+    assert f"no directory {out / 'no'}" in assert_one_line_error(results["missing"], 2)
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".partial")] == [] and list(out.iterdir()) == []
+
+
 # -- manifests the registry should not have sent --------------------------------------------------
 
 def valid_manifest(size: int) -> bytes:
