@@ -271,7 +271,8 @@ def _writable_file(path: Path) -> Path:
     if path.is_dir():
         raise BadInputError(f"{path} is a directory: give a file name for the blob")
     if not path.parent.is_dir():
-        raise BadInputError(f"{path}: no directory {path.parent}")
+        why = "is not a directory" if path.parent.exists() else "does not exist"
+        raise BadInputError(f"{path}: {path.parent} {why}")
     return path
 
 

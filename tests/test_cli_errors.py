@@ -195,8 +195,8 @@ async def test_local_paths_that_cannot_be_written_say_so_without_internal_error(
     })
     line = assert_one_line_error(results["pull"], 2)
     assert f"cannot create an OCI image layout at {afile / 'out'}: Not a directory" in line
-    line = assert_one_line_error(results["blob get"], 1)
-    assert "internal error" not in line and "Not a directory" in line and str(afile) in line
+    line = assert_one_line_error(results["blob get"], 2)  # found before the download, as for pull
+    assert "internal error" not in line and f"{afile} is not a directory" in line
 
 
 async def test_a_blob_the_disk_refuses_is_named_and_the_same_command_then_finishes(
@@ -338,7 +338,7 @@ async def test_blob_get_into_a_directory_or_a_missing_one_is_bad_input(registry:
                                     "missing": ["blob", "get", image, str(out / "no" / "f")]})
 
     assert "is a directory" in assert_one_line_error(results["directory"], 2)
-    assert f"no directory {out / 'no'}" in assert_one_line_error(results["missing"], 2)
+    assert f"{out / 'no'} does not exist" in assert_one_line_error(results["missing"], 2)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".partial")] == [] and list(out.iterdir()) == []
 
 
