@@ -27,6 +27,7 @@ from .images import (
     ImageOutcome,
     Platform,
     check_annotations,
+    collect,
     fetch_root,
     holds_image,
     preflight_sizes,
@@ -242,11 +243,17 @@ class Client:
             end = self._registry_end(ctx, ref)
             return await retrying(ctx, str(end), lambda: end.client.list_tags(ref.repository, page_size=page_size))
 
-    async def inspect(self, image: str) -> RawManifest:
+    async def inspect(self, image: str, *, platform: str | None = None) -> RawManifest:
+        """The image's manifest; with ``platform``, that platform's manifest from an index (a
+        single image's own manifest whatever its platform, as crane does)."""
         ref = Reference.parse(image)
+        plat = Platform.parse(platform) if platform else None
         async with self._job() as ctx:
             end = self._registry_end(ctx, ref)
-            return await retrying(ctx, str(end), lambda: fetch_root(end, ref))
+            root = await retrying(ctx, str(end), lambda: fetch_root(end, ref))
+            if plat is None or not root.is_index:
+                return root
+            return (await retrying(ctx, str(end), lambda: collect(end, root, plat)))[0]
 
 
 async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst: RegistryEnd,

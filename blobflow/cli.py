@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "inspect", "print an image's manifest", "blobflow inspect localhost:5000/app:1.0")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--raw", action="store_true", help="the manifest's exact bytes")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="this platform's manifest, from an index")
     _common(p)
 
     p = _command(sub, "login", "check credentials with a registry, then store them where docker keeps them "
@@ -306,7 +307,7 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
     elif cmd == "bench":
         return await _bench(args, client.config)
     elif cmd == "inspect":
-        raw = await client.inspect(args.image)
+        raw = await client.inspect(args.image, platform=args.platform)
         if args.raw:
             sys.stdout.buffer.write(raw.data)
             sys.stdout.flush()

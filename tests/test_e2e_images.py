@@ -493,6 +493,28 @@ async def test_push_annotations(kind: str, registry: LocalRegistry, cli: Cli, re
         assert (doc["config"], doc["layers"]) == (source["config"], source["layers"])
 
 
+async def test_inspect_a_platform_of_an_index(registry: LocalRegistry, cli: Cli, repo_name: str,
+                                              tmp_path: Path) -> None:
+    """``inspect --platform`` prints that platform's manifest, as crane and regctl do; a platform
+    the index lacks is named with the ones it has (its attestations are no platform)."""
+    src = tmp_path / "src"
+    desc = build_image(src, "v1", [4 * KiB], seed=72, platforms=["linux/amd64", "linux/arm64"], attestations=True)
+    arm64 = platform_manifests(src, str(desc.digest))["linux/arm64"]
+    image = f"{registry.host}/{repo_name}:v1"
+    await blobflow.Client().push(src, image)
+
+    raw, missing, bad = await asyncio.gather(
+        cli("inspect", image, "--platform", "linux/arm64", "--raw"),
+        cli("inspect", image, "--platform", "linux/s390x"),
+        cli("inspect", image, "--platform", "linux"))
+
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout_bytes == blob_path(src, arm64).read_bytes()
+    assert missing.returncode == 1
+    assert "no linux/s390x image" in missing.stderr and "(has: linux/amd64, linux/arm64)" in missing.stderr
+    assert bad.returncode == 2 and "invalid platform" in bad.stderr
+
+
 # -- shared blobs move once --------------------------------------------------------------------
 
 async def test_shared_layer_uploaded_once(registry: LocalRegistry, proxy: MakeProxy, repo_name: str,
