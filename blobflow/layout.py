@@ -88,11 +88,15 @@ def atomic_write(path: Path, data: bytes) -> None:
 class BlobWriter:
     """A blob being written at offsets into a temporary file; :meth:`commit` makes it visible."""
 
-    def __init__(self, final: Path, digest: Digest, size: int, *, resumable: bool = False) -> None:
+    def __init__(self, final: Path, digest: Digest, size: int, *, resumable: bool = False,
+                 durable: bool = True) -> None:
         """With ``resumable``, the temporary file has a fixed name (``.<name>.partial``) that a later
         run finds again; ``reused`` says whether it already held ``size`` bytes. A second writer of
-        the same blob at the same time (the file is locked) gets a private name instead."""
+        the same blob at the same time (the file is locked) gets a private name instead. Not
+        ``durable`` (a spool the job deletes after reading it back): no write-back started, no
+        fsync, so its bytes can stay in the page cache."""
         self.final = final
+        self.durable = durable
         self.digest = digest
         self.size = size
         self.committed = False
@@ -130,7 +134,8 @@ class BlobWriter:
             while view:
                 n = os.pwrite(self.fd, view, offset)
                 view, offset = view[n:], offset + n
-            _start_writeback(self.fd, start, len(data))
+            if self.durable:
+                _start_writeback(self.fd, start, len(data))
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
@@ -140,8 +145,9 @@ class BlobWriter:
         if verified != self.digest:
             self.abort()
             raise DigestMismatchError(f"blob {self.digest.short}: received bytes have digest {verified.short}")
-        with name_os_errors(self.temp):
-            os.fsync(self.fd)
+        if self.durable:
+            with name_os_errors(self.temp):
+                os.fsync(self.fd)
         os.replace(self.temp, self.final)
         os.close(self.fd)
         self.fd = -1

@@ -166,8 +166,9 @@ class LayoutEnd:
 
 
 class FileEnd:
-    """A single blob as a plain file (``blob get`` / ``blob put``). Not ``resumable``: a download
-    into it keeps no record and leaves no partial file for a later run (a temporary spool file)."""
+    """A single blob as a plain file (``blob get`` / ``blob put``). Not ``resumable`` (a temporary
+    spool file): a download into it keeps no record, leaves no partial file for a later run, and
+    is not synced to the disk."""
 
     def __init__(self, path: Path, *, resumable: bool = True) -> None:
         self.path = path
@@ -191,7 +192,7 @@ class FileEnd:
         return self.path
 
     def blob_writer(self, desc: Descriptor) -> BlobWriter:
-        return BlobWriter(self.path, desc.digest, desc.size, resumable=self.resumable)
+        return BlobWriter(self.path, desc.digest, desc.size, resumable=self.resumable, durable=self.resumable)
 
 
 class StreamEnd:
