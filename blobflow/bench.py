@@ -421,7 +421,7 @@ def _deletion_refused(e: BlobflowError) -> str:
 def _bench_ref(target: str | None, run_id: str) -> Reference:
     assert target is not None
     text = target.strip().rstrip("/")
-    if "@" in text or (":" in text.rsplit("/", 1)[-1] and "/" in text):
+    if not text or "@" in text or (":" in text.rsplit("/", 1)[-1] and "/" in text):
         raise BadInputError(f"bench target {target!r}: give a registry or repository (host/repo), "
                             "without tag or digest")
     return Reference.parse(f"{text}/blobflow-bench-{run_id}", default_tag=None)

@@ -188,8 +188,10 @@ def load_plan(path: Path | str) -> MirrorPlan:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise BadInputError(f"plan {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(f"cannot read plan {path}: {e}") from None
+    except OSError as e:
+        raise BadInputError(f"cannot read plan {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"plan {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInputError(f"plan {path} is not valid TOML: {e}") from None
     return parse_plan(data, origin=str(path))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import Cli
 
-from blobflow.bench import BenchParams, Synth, run_bench
+from blobflow.bench import BenchParams, Synth, _bench_ref, run_bench
 from blobflow.benchreport import (
     SCHEMA,
     compare,
@@ -119,6 +119,13 @@ async def test_bench_compare_cli(cli: Cli, tmp_path: Path) -> None:
 
 
 # -- synthetic data and a real run -----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["", "  ", "/", "reg.example/app:1.0", "reg.example/app@sha256:" + "a" * 64])
+def test_a_bench_target_that_is_no_registry_or_repository_is_named(target: str) -> None:
+    """Named as the user gave it, not as the repository the run would have made of it."""
+    with pytest.raises(BadInputError, match=f"bench target {target!r}: give a registry or repository"):
+        _bench_ref(target, "run1")
+
 
 def test_synthetic_blobs_resume_at_any_offset() -> None:
     synth = Synth(1)

@@ -74,6 +74,11 @@ def test_a_plan_file_that_is_not_toml_is_bad_input(tmp_path: Path) -> None:
         load_plan(tmp_path / "plan.toml")
     with pytest.raises(BadInputError, match="does not exist"):
         load_plan(tmp_path / "nope.toml")
+    with pytest.raises(BadInputError, match=r"cannot read plan .*: Is a directory$"):  # no "[Errno 21]"
+        load_plan(tmp_path)
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\n")
+    with pytest.raises(BadInputError, match="is not UTF-8 text"):
+        load_plan(tmp_path / "latin1.toml")
 
 
 @pytest.fixture(scope="module")
