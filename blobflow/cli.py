@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import getpass
@@ -339,13 +340,16 @@ def _login_input(args: argparse.Namespace) -> Credentials:
     """User and password from the flags, standard input or the terminal, never from argv."""
     user = args.username
     if not user and sys.stdin.isatty() and not args.password_stdin:
-        user = input("Username: ").strip()
+        with contextlib.suppress(EOFError):  # Ctrl-D at the prompt: no name given
+            user = input("Username: ").strip()
     if not user:
         raise BadInputError("login needs a user name: -u USER")
     if args.password_stdin:
         password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
+        password = ""
+        with contextlib.suppress(EOFError):
+            password = getpass.getpass("Password: ")
     else:
         raise BadInputError("login reads the password from standard input: add --password-stdin")
     if not password:

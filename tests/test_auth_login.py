@@ -125,6 +125,30 @@ async def test_ctrl_c_at_the_password_prompt_ends_login_at_once(docker_home: Doc
     assert not docker_home.config_path.exists()
 
 
+async def test_ctrl_d_at_a_login_prompt_is_bad_input_not_an_internal_error(docker_home: DockerHome) -> None:
+    """End of input at "Username: " or "Password: " is no name or no password (exit 2), not
+    Python's EOFError as an internal error."""
+    for args in (["login", "localhost:5000"], ["login", "localhost:5000", "-u", "me"]):
+        leader, follower = os.openpty()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "blobflow", *args, stdin=follower, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            assert proc.stderr is not None
+            async with asyncio.timeout(30):
+                if "-u" in args:  # getpass flushes what was typed before its prompt
+                    await proc.stderr.readuntil(b"Password: ")
+                os.write(leader, b"\x04")  # Ctrl-D: the terminal's end of input
+                _, err = await proc.communicate()
+        finally:
+            os.close(follower)
+            os.close(leader)
+        assert proc.returncode == 2, (args, err.decode())
+        assert "internal error" not in err.decode()
+        assert ("a user name" if "-u" not in args else "a password or token") in err.decode(), err.decode()
+    assert not docker_home.config_path.exists()
+
+
 def test_store_credentials_round_trips_as_docker_names_registries(tmp_path: Path) -> None:
     path = tmp_path / "dc" / "config.json"  # the directory does not exist yet
     store_credentials("docker.io", Credentials("hubuser", "hub-secret-1"), path=path)
