@@ -174,7 +174,11 @@ class Layout:
         try:
             marker = json.loads((root / "oci-layout").read_text())
         except FileNotFoundError:
-            raise LayoutError(f"{root} is not an OCI image layout (no oci-layout file)") from None
+            what = "no oci-layout file" if root.is_dir() else "no such directory"
+            raise LayoutError(f"{root} is not an OCI image layout ({what})") from None
+        except NotADirectoryError:  # `docker save` and oci-archive output are tar files
+            raise LayoutError(f"{root} is a file, not an OCI image layout directory; if it is an oci-archive "
+                              f"tar, extract it first: mkdir DIR && tar -xf {root} -C DIR") from None
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise LayoutError(f"{root}/oci-layout is unreadable: {type(e).__name__}") from None
         if not isinstance(marker, dict) or "imageLayoutVersion" not in marker:

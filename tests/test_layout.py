@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,17 @@ def test_a_full_disk_when_creating_a_layout_is_not_bad_input(tmp_path: Path, mon
         Layout.create(tmp_path / "out")
     assert not isinstance(info.value, LayoutError)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "out")
+
+
+def test_what_is_not_a_layout_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A tar file (oci-archive, `docker save`) given as the layout, a missing directory and an
+    empty one: each said as such (the tar file was "oci-layout is unreadable: NotADirectoryError")."""
+    archive = tmp_path / "image.tar"
+    archive.write_bytes(b"\0" * 1024)
+    (tmp_path / "empty").mkdir()
+    cases = {archive: "is a file, not an OCI image layout directory; if it is an oci-archive tar, extract it",
+             tmp_path / "missing": "is not an OCI image layout (no such directory)",
+             tmp_path / "empty": "is not an OCI image layout (no oci-layout file)"}
+    for root, message in cases.items():
+        with pytest.raises(LayoutError, match=re.escape(f"{root} {message}")):
+            Layout.open(root)
