@@ -16,6 +16,7 @@ import math
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -580,11 +581,13 @@ async def test_a_later_job_mounts_what_an_earlier_one_pushed(registry: LocalRegi
     assert manifest_digest_at(registry, f"{repo_name}/b", "v1") == str(second.digest)
 
 
+@pytest.mark.parametrize("window", [False, True])
 async def test_stale_mount_hints_cost_a_few_declined_mounts_and_the_blobs_are_sent(
-        registry: LocalRegistry, proxy: MakeProxy, cli: Cli, repo_name: str, tmp_path: Path) -> None:
+        registry: LocalRegistry, proxy: MakeProxy, cli: Cli, repo_name: str, tmp_path: Path, window: bool) -> None:
     """Hints naming a repository that does not hold the blobs (a registry wiped since, a repository
     deleted): each mount tried is declined and the blob is uploaded; after HINT_MISSES declines in
-    a row the job stops trying hints, and the push succeeds."""
+    a row the job stops trying hints, and the push succeeds. The session a declined mount opens
+    carries the upload, except where uploads have a window: it would start before admission."""
     src = tmp_path / "src"
     desc = build_image(src, "v1", [8 * KiB + i for i in range(8)], seed=93)
     blobs = image_blobs(src, str(desc.digest))
@@ -595,14 +598,51 @@ async def test_stale_mount_hints_cost_a_few_declined_mounts_and_the_blobs_are_se
 
     # one blob at a time, so the count of mounts tried is exact
     pushed = await cli("push", "--plain-http", "--concurrency", "1", "--state-dir", str(state), str(src),
-                       f"{p.host}/{repo_name}/x:v1")
+                       f"{p.host}/{repo_name}/x:v1", *(["--upload-window", "600"] if window else []))
 
     assert pushed.returncode == 0, pushed.stderr
     mounts = [(path, status) for method, path, status in p.log if method == "POST" and "mount=" in path]
     assert len(mounts) == HINT_MISSES < len(blobs)
     assert all(f"&from={repo_name}/gone" in path and status == 202 for path, status in mounts)
+    # a declined mount's session carries the upload (one POST a blob, none deleted), but not
+    # against a window: then it is deleted and the upload opens its own after admission
+    declined = HINT_MISSES if window else 0
+    assert (p.counters["requests:POST"], p.counters["requests:DELETE"]) == (len(blobs) + declined, declined)
     assert committed_blobs(p.log) == dict.fromkeys(blobs, 1)
     assert manifest_digest_at(registry, f"{repo_name}/x", "v1") == str(desc.digest)
+
+
+async def test_a_declined_mount_gives_way_to_the_session_an_earlier_run_left(
+        registry: LocalRegistry, proxy: MakeProxy, repo_name: str, tmp_path: Path) -> None:
+    """The upload resumes the earlier run's session, from its offset; the session the declined
+    mount opened is deleted, not left open on the registry."""
+    data = os.urandom(6 * MiB)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    digest, repo = Digest.of(data), f"{repo_name}/x"
+    p = await proxy(registry)
+    state = tmp_path / "state"
+    config = blobflow.EngineConfig(plain_http=True, state_dir=str(state))
+    async with blobflow.registry.RegistryPool(connections_per_host=4, connect_timeout=5, read_timeout=30,
+                                              plain_http=True) as pool:  # an earlier run, cut after 2 MiB
+        client = pool.client(p.host, p.host, loopback=True)
+        up = await client.start_upload(repo)
+        await client.upload_chunk(up, data[:2 * MiB], 2 * MiB)
+    record = Journal(state).upload(p.host, repo, digest, len(data))
+    record.location, record.offset, record.opened_at = up.location, up.offset, time.time()
+    record.save()
+    record.release()
+    Journal(state).locations.add(p.host, digest, f"{repo_name}/gone")  # a stale hint: the mount is declined
+    before = len(p.log)
+
+    await blobflow.Client(config).blob_put(blob, f"{p.host}/{repo}")
+
+    run = p.log[before:]
+    assert [m for m, path, status in run if m == "POST"] == ["POST"]  # the mount, declined; no new session
+    assert [status for m, path, status in run if m == "DELETE"] == [204]  # its session, closed
+    assert sum(1 for m, path, status in run if m == "PATCH") == 1
+    assert p.counters["bytes_to_upstream"] == len(data)  # 2 MiB before, 4 MiB now: nothing twice
+    assert committed_blobs(run) == {str(digest): 1}
 
 
 async def test_blob_up_to_the_monolithic_threshold_goes_whole_in_one_put(

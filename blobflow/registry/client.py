@@ -319,8 +319,11 @@ class RegistryClient:
             raise RegistryError(f"{what}: unexpected status {resp.status}", status=resp.status)
         return BlobStream(resp, what)
 
-    async def mount_blob(self, repo: str, digest: Digest, from_repo: str) -> bool:
-        """Cross-repository mount. True when mounted; False when the registry declined."""
+    async def mount_blob(self, repo: str, digest: Digest, from_repo: str, *, keep: bool = False) -> bool | Upload:
+        """Cross-repository mount. True when mounted; False when the registry declined. A registry
+        that declines opens an upload session instead (202): with ``keep`` that session is
+        returned, for the upload that follows (one request instead of a DELETE and a POST),
+        else it is closed."""
         what = f"{self.registry}/{repo}: mount {digest.short} from {from_repo}"
         url = await self._url(f"/v2/{repo}/blobs/uploads/?mount={digest}&from={from_repo}")
         resp = await self._send("POST", url, what=what,
@@ -330,9 +333,14 @@ class RegistryClient:
                 return True
             if resp.status == 202:
                 location = resp.headers.get("Location")
-                if location:  # the registry opened an upload session instead: close it
-                    with contextlib.suppress(BlobflowError):
-                        await self.cancel_upload(Upload(repo, urljoin(url, location)))
+                if not location:
+                    return False
+                up = Upload(repo, urljoin(url, location), 0, int(resp.headers.get("OCI-Chunk-Min-Length", "0") or 0),
+                            time.monotonic())
+                if keep:
+                    return up
+                with contextlib.suppress(BlobflowError):
+                    await self.cancel_upload(up)
                 return False
             await self._fail(resp, what)
         return False

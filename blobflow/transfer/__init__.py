@@ -6,6 +6,7 @@ from collections.abc import Awaitable
 
 from ..errors import BadInputError, BlobflowError
 from ..progress import Event
+from ..registry import Upload
 from ..types import Descriptor
 from .base import Context, Outcome, retrying
 from .copy import registry_opener
@@ -30,16 +31,20 @@ __all__ = [
 ]
 
 
-def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor) -> Download | Push:
-    """The mover for a pair of ends (regclient's scheme pairing)."""
+def make_transfer(ctx: Context, src: End, dst: End, desc: Descriptor, *,
+                  session: Upload | None = None) -> Download | Push:
+    """The mover for a pair of ends (regclient's scheme pairing); ``session``: an upload session
+    the destination already opened (for a mount it declined)."""
     if isinstance(src, RegistryEnd) and isinstance(dst, LayoutEnd | FileEnd):
         return Download(ctx, src, dst, desc)
     if isinstance(dst, RegistryEnd):
         if isinstance(src, RegistryEnd):
-            return Push(ctx, dst, desc, registry_opener(ctx, src, desc))
+            opener = registry_opener(ctx, src, desc)
+            return Push(ctx, dst, desc, opener, session=session)
         if isinstance(src, StreamEnd):
-            return Push(ctx, dst, desc, src.open_blob(desc), local=True)
-        return Push(ctx, dst, desc, file_opener(src.source_path(desc), ctx.config.file_read_size), local=True)
+            return Push(ctx, dst, desc, src.open_blob(desc), local=True, session=session)
+        opener = file_opener(src.source_path(desc), ctx.config.file_read_size)
+        return Push(ctx, dst, desc, opener, local=True, session=session)
     raise BadInputError(f"cannot move blobs from {src} to {dst}: one end must be a registry")
 
 
@@ -74,10 +79,11 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[st
                 ctx.emit(Event("skipped", digest, size=desc.size, target=str(dst)))
                 outcome = "skipped"
                 return
-            if isinstance(dst, RegistryEnd) and await _mount(ctx, src, dst, desc):
+            mount = await _mount(ctx, src, dst, desc) if isinstance(dst, RegistryEnd) else False
+            if mount is True:
                 outcome = "mounted"
                 return
-            mover = make_transfer(ctx, src, dst, desc)
+            mover = make_transfer(ctx, src, dst, desc, session=mount or None)
             ctx.emit(Event("blob_start", digest, size=desc.size, target=str(dst)))
         await mover.run()
         ctx.emit(Event("blob_done", digest, size=desc.size, target=str(dst)))
@@ -127,19 +133,27 @@ def _mount_sources(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -
     return known, hints
 
 
-async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool:
+async def _mount(ctx: Context, src: End, dst: RegistryEnd, desc: Descriptor) -> bool | Upload:
+    """True when a repository of ``dst``'s registry mounted the blob. When the last one tried
+    declines, the upload session it opened instead is returned for the transfer, so a declined
+    mount costs no DELETE and no second POST; not where uploads have a window, which must not
+    start before the upload is admitted."""
     known, hints = _mount_sources(ctx, src, dst, desc)
     registry = dst.client.registry
-    for repo in known + hints:
+    tries = known + hints
+    keep = ctx.limits(registry).upload_window is None
+    for i, repo in enumerate(tries):
         try:
-            mounted = await dst.client.mount_blob(dst.repository, desc.digest, repo)
+            mounted = await dst.client.mount_blob(dst.repository, desc.digest, repo, keep=keep and i == len(tries) - 1)
         except BlobflowError:
             if repo in known:
                 raise
             mounted = False  # a remembered repository that is gone, or that these credentials cannot read
         if repo in hints:
-            ctx.hint_misses[registry] = 0 if mounted else ctx.hint_misses.get(registry, 0) + 1
-        if mounted:
+            ctx.hint_misses[registry] = 0 if mounted is True else ctx.hint_misses.get(registry, 0) + 1
+        if mounted is True:
             ctx.emit(Event("mounted", desc.digest.short, size=desc.size, target=str(dst), detail=repo))
             return True
+        if mounted:
+            return mounted  # the session of the last decline
     return False

@@ -53,11 +53,14 @@ def file_opener(path: Path, read_size: int) -> Opener:
 
 class Push:
     def __init__(self, ctx: Context, dst: RegistryEnd, desc: Descriptor, opener: Opener, *,
-                 local: bool = False) -> None:
+                 local: bool = False, session: Upload | None = None) -> None:
         """``local``: the bytes come from a file, so a digest mismatch means the file is corrupt
-        (retrying cannot help); from another registry, a mismatch may be a transient corruption."""
+        (retrying cannot help); from another registry, a mismatch may be a transient corruption.
+        ``session``: one the registry opened already (declining a mount), used for this upload
+        unless a session of an earlier run goes on instead."""
         self.ctx, self.dst, self.desc, self.opener = ctx, dst, desc, opener
         self.local = local
+        self.offered = session
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
         self._reached = 0  # the furthest offset any attempt has sent the blob up to
@@ -74,6 +77,11 @@ class Push:
 
     async def run(self) -> None:
         client, desc = self.dst.client, self.desc
+        offered, self.offered = self.offered, None
+        if offered is not None and self.session is not None:  # an earlier run's session goes on
+            with contextlib.suppress(BlobflowError):
+                await client.cancel_upload(offered)
+            offered = None
         if self.session is not None:
             try:
                 await client.upload_status(self.session)
@@ -93,7 +101,7 @@ class Push:
             if self.session is not None and self.record.opened_at:
                 self.ticket.session_resumed(time.time() - self.record.opened_at, self.session.offset)
         if self.session is None:
-            self.session = await client.start_upload(self.dst.repository)
+            self.session = offered or await client.start_upload(self.dst.repository)
             self.record.opened_at = time.time()
             self.ticket.session_started()
             self.snapshots = {0: desc.digest.hasher()}
