@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import getpass
 import json
+import math
 import os
 import signal
 import sys
@@ -63,6 +64,17 @@ def _codec(text: str) -> str:
     except BadInputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _rate(text: str) -> float:
+    """Requests per second: a finite number, 0 for no limit (as a plan's defaults.rate)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not math.isfinite(rate) or rate < 0:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected requests per second, 0 for no limit")
+    return rate
 
 
 def _size_list(text: str) -> tuple[int, ...]:
@@ -165,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", default="0/1",
                    help="take a deterministic share of the plan (for N machines; 0 <= I < N)")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
-    p.add_argument("--rate", type=float, metavar="N", help="at most N requests per second to each registry host")
+    p.add_argument("--rate", type=_rate, metavar="N",
+                   help="at most N requests per second to each registry host (0: no limit)")
     p.add_argument("--recompress", metavar="zstd[:LEVEL]", type=_codec,
                    help="recompress tar layers while they stream (overrides the plan's defaults.recompress)")
     _common(p)

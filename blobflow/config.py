@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -211,6 +212,8 @@ class EngineConfig:
             raise BadInputError("upload-window must be positive")
         if self.socket_buffer < 0:
             raise BadInputError("socket-buffer must be 0 or more")
+        if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
+            raise BadInputError("rate must be a positive number of requests per second (None: no limit)")
         if self.window_scope not in (None, "session", "request"):
             raise BadInputError("window-scope must be 'session' or 'request'")
 

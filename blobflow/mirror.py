@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -168,7 +169,8 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
     rate = defaults.get("rate")
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
         raise BadInputError(f"{origin}: defaults.concurrency must be a whole number of at least 1")
-    if rate is not None and (not isinstance(rate, int | float) or rate < 0):
+    if rate is not None and (not isinstance(rate, int | float) or isinstance(rate, bool) or not math.isfinite(rate)
+                             or rate < 0):
         raise BadInputError(f"{origin}: defaults.rate must be a number of requests per second")
     recompress = defaults.get("recompress")
     if recompress is not None and not isinstance(recompress, str):

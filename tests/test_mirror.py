@@ -62,10 +62,24 @@ def test_shards_partition_the_plan_deterministically() -> None:
     ({"mirror": [{"source": "a:1", "destination": "b", "tags": ["2"]}]}, "not both"),
     ({"mirror": [{"source": "a", "destination": "b", "platforms": ["linux"]}]}, "platforms"),
     ({"mirror": [{"source": "UPPER", "destination": "b"}]}, "invalid reference"),
+    *(({"defaults": {"rate": bad}, "mirror": [{"source": "a", "destination": "b"}]}, "defaults.rate")
+      for bad in (-1, float("nan"), float("inf"), True, "5")),
 ])
 def test_bad_plans_are_bad_input(plan: dict[str, object], message: str) -> None:
     with pytest.raises(BadInputError, match=message):
         parse_plan(plan)
+
+
+async def test_a_rate_that_is_no_rate_is_bad_input(tmp_path: Path) -> None:
+    """--rate -1, nan and inf were taken (the gate read them as no limit); 0 is no limit, as in
+    a plan. Refused before anything is asked of a registry (there is none here)."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[mirror]]\nsource = "127.0.0.1:9/a"\ndestination = "127.0.0.1:9/b"\n')
+    for bad in ("-1", "nan", "inf", "fast"):
+        code, _, err = await _mirror(plan, "--rate", bad)
+        assert code == 2 and "invalid rate" in err, (bad, err)
+    with pytest.raises(BadInputError, match="rate must be a positive number"):
+        blobflow.EngineConfig(rate=-1.0)
 
 
 def test_a_plan_file_that_is_not_toml_is_bad_input(tmp_path: Path) -> None:
