@@ -127,6 +127,13 @@ def load_registry_limits(path: str | Path) -> dict[str, RegistryLimits]:
     return out
 
 
+def positive_finite(value: float) -> bool:
+    """A count of seconds or of requests per second that means one: not 0, negative, nan or inf
+    (``nan <= 0`` is false, so a plain sign check let nan through, and a deadline or a bench of
+    nan seconds never came)."""
+    return math.isfinite(value) and value > 0
+
+
 def _limit_value(path: str | Path, host: str, key: str, value: Any) -> Any:
     where = f"registry limits {path}: {host} {key}"
     if key in _SIZE_FIELDS:
@@ -137,7 +144,7 @@ def _limit_value(path: str | Path, host: str, key: str, value: Any) -> Any:
             raise BadInputError(f"{where}: must be positive")
         return size
     if key in _SECONDS_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not positive_finite(value):
             raise BadInputError(f"{where}: expected a positive number of seconds")
         return float(value)
     if key == "window_scope":
@@ -208,11 +215,11 @@ class EngineConfig:
             raise BadInputError("retries must be 0 or more")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise BadInputError("chunk-size must be at least 1 byte")
-        if self.upload_window is not None and self.upload_window <= 0:
-            raise BadInputError("upload-window must be positive")
+        if self.upload_window is not None and not positive_finite(self.upload_window):
+            raise BadInputError("upload-window must be a positive number of seconds")
         if self.socket_buffer < 0:
             raise BadInputError("socket-buffer must be 0 or more")
-        if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
+        if self.rate is not None and not positive_finite(self.rate):
             raise BadInputError("rate must be a positive number of requests per second (None: no limit)")
         if self.window_scope not in (None, "session", "request"):
             raise BadInputError("window-scope must be 'session' or 'request'")

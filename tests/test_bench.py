@@ -141,6 +141,22 @@ def test_synthetic_blobs_resume_at_any_offset() -> None:
     assert synth.piece(b"seed", 0, 1 << 20) != synth.piece(b"other", 0, 1 << 20)
 
 
+@pytest.mark.parametrize("duration", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_duration_that_is_no_duration_is_bad_input(duration: float) -> None:
+    """--duration nan ran its first cell for ever: no elapsed time is >= nan."""
+    with pytest.raises(BadInputError, match="--duration must be positive"):
+        BenchParams(target="127.0.0.1:9", sizes=(1024,), concurrency=(1,), duration=duration)
+
+
+async def test_a_registry_that_is_not_there_ends_the_bench_before_its_sweep(cli: Cli) -> None:
+    """One refused connection, said as such (exit 1), not a sweep of samples that each spend
+    their retries and then a table of zeros with exit 0."""
+    result = await cli("bench", "127.0.0.1:9", "--retries", "0", "--sizes", "1MiB", "--concurrency", "1")
+    assert result.returncode == 1, result.output
+    assert "cannot connect to 127.0.0.1:9" in result.stderr
+    assert "MB/s" not in result.output
+
+
 async def test_tiny_bench_against_the_registry(registry: LocalRegistry, tmp_path: Path) -> None:
     params = BenchParams(target=f"{registry.host}/bench", sizes=(4096, 70_000), concurrency=(1, 2),
                          ops=("push", "pull"), repeat=2, blobs=3)

@@ -371,6 +371,8 @@ def test_registry_limits_file_overrides_the_table_and_flags_override_the_file(tm
 
 @pytest.mark.parametrize("text", [
     '[registries."x.io"]\nupload_window = -1\n',
+    '[registries."x.io"]\nupload_window = nan\n',  # nan <= 0 is false: a sign check let it through
+    '[registries."x.io"]\nupload_window = inf\n',
     '[registries."x.io"]\nwindow_scope = "forever"\n',
     '[registries."x.io"]\nmax_layer_size = "lots"\n',
     '[registries."x.io"]\nspeed = 3\n',
@@ -382,6 +384,12 @@ def test_bad_registry_limits_files_are_bad_input(tmp_path: Path, text: str) -> N
     path.write_text(text)
     with pytest.raises(BadInputError):
         load_registry_limits(path)
+
+
+@pytest.mark.parametrize("window", [0.0, -5.0, float("nan"), float("inf")])
+def test_an_upload_window_that_is_no_duration_is_bad_input(window: float) -> None:
+    with pytest.raises(BadInputError, match="upload-window must be a positive number of seconds"):
+        EngineConfig(upload_window=window)
 
 
 def test_summary_reports_the_smallest_slack() -> None:
