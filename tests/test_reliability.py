@@ -269,12 +269,12 @@ async def test_truncated_layout_blob_fails_at_once_naming_the_corruption(
         await client.inspect(f"{registry.host}/rel/short:v1")
 
 
-async def test_attempts_that_resend_the_same_bytes_use_up_the_retries(
+async def test_a_registry_that_refuses_every_upload_uses_up_the_retries(
     tmp_path: Path, registry: LocalRegistry, proxy: MakeProxy,
 ) -> None:
-    """Every PUT of the blob answered 500: retries + 1 attempts, then the error. Sending the same
-    bytes again is not progress (a sum of bytes sent made each attempt look like some, and the
-    upload was tried 60 times)."""
+    """Every PUT of the blob answered 500: retries + 1 attempts, then the error. Bytes the
+    registry then refused are no progress (counted as such, each attempt reset the retries and
+    the blob was sent up to the hard cap: 30 times with --retries 2)."""
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(MiB))
     failing = await proxy(registry, Faults(status={500: 1.0}, match=lambda r: r.method == "PUT"))

@@ -63,7 +63,8 @@ class Push:
         self.offered = session
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
-        self._reached = 0  # the furthest offset any attempt has sent the blob up to
+        self._sent_total = 0  # bytes sent, over every attempt
+        self._moved = 0  # of those, the ones sent by attempts that a flaky link ended (see progress)
         # a blob that goes in one PUT has nothing to resume (if a cap learned later makes it go in
         # chunks after all, those are not resumable by a later run: a few MiB at most)
         self.record = ctx.journal.upload(dst.client.registry, dst.repository, desc.digest, desc.size,
@@ -76,6 +77,15 @@ class Push:
         self.snapshots: dict[int, Any] = {}
 
     async def run(self) -> None:
+        sent_before = self._sent_total
+        try:
+            await self._run()
+        except BlobflowError as e:
+            if not (isinstance(e, RegistryError) and e.status == 500):  # see progress
+                self._moved += self._sent_total - sent_before
+            raise
+
+    async def _run(self) -> None:
         client, desc = self.dst.client, self.desc
         offered, self.offered = self.offered, None
         if offered is not None and self.session is not None:  # an earlier run's session goes on
@@ -177,11 +187,15 @@ class Push:
 
     @property
     def progress(self) -> int:
-        """The furthest offset an attempt has sent the blob up to: it grows only when an attempt
-        gets further than every one before it. (A sum of the bytes sent grew with every attempt
-        that sent the same bytes again, so the retry layer took each for progress: a truncated
-        layer file was tried 60 times.)"""
-        return self._reached
+        """Bytes sent by attempts that a flaky link ended (a broken connection, a timeout, a
+        throttle or a gateway's 502-504): one that lets each attempt move some bytes is not given
+        up while it does. An attempt the registry itself failed with 500 is no progress however
+        many bytes it sent: a registry that fails every upload (a full disk, a bug) is tried
+        ``retries`` times more, not up to the hard cap of (retries + 1) * 10 (every PUT answered
+        500: the blob sent 30 times with --retries 2). (Counting only attempts that got further
+        than any before gave up on flaky links too soon: a blob cut at random points seldom beats
+        its best attempt, and still lands a few attempts later.)"""
+        return self._moved
 
     def _save(self) -> None:
         """Journal the session and the offset the registry confirmed, for a later run."""
@@ -285,7 +299,7 @@ class _Outgoing:
                 await self.push.ticket.pace(len(chunk))
             n -= len(chunk)
             self.sent += len(chunk)
-            self.push._reached = max(self.push._reached, self.sent)
+            self.push._sent_total += len(chunk)
             self.push.ctx.emit(Event("bytes", digest, n=len(chunk)))
             yield chunk
 
