@@ -9,7 +9,6 @@ import dataclasses
 import errno
 import getpass
 import json
-import math
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 from . import __version__
 from ._render import JsonRenderer, LogRenderer, Renderer
 from .codec import Codec, layer_compression
-from .config import EngineConfig, load_registry_limits, parse_size
+from .config import EngineConfig, load_registry_limits, parse_size, positive_finite
 from .errors import BadInputError, BlobflowError
 from .types import Reference
 
@@ -71,8 +70,8 @@ def _rate(text: str) -> float:
     try:
         rate = float(text)
     except ValueError:
-        rate = math.nan
-    if not math.isfinite(rate) or rate < 0:
+        rate = -1.0
+    if not (rate == 0 or positive_finite(rate)):
         raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected requests per second, 0 for no limit")
     return rate
 

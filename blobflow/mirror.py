@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .codec import Codec
+from .config import positive_finite
 from .errors import BadInputError, BlobflowError
 from .images import ImageOutcome, holds_image, transfer_image
 from .transfer import Context, RegistryEnd, retrying
@@ -169,8 +169,8 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
     rate = defaults.get("rate")
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
         raise BadInputError(f"{origin}: defaults.concurrency must be a whole number of at least 1")
-    if rate is not None and (not isinstance(rate, int | float) or isinstance(rate, bool) or not math.isfinite(rate)
-                             or rate < 0):
+    if rate is not None and (not isinstance(rate, int | float) or isinstance(rate, bool)
+                             or not (rate == 0 or positive_finite(rate))):
         raise BadInputError(f"{origin}: defaults.rate must be a number of requests per second")
     recompress = defaults.get("recompress")
     if recompress is not None and not isinstance(recompress, str):
