@@ -149,15 +149,15 @@ async def test_ctrl_d_at_a_login_prompt_is_bad_input_not_an_internal_error(docke
     assert not docker_home.config_path.exists()
 
 
-def test_store_credentials_round_trips_as_docker_names_registries(tmp_path: Path) -> None:
+async def test_store_credentials_round_trips_as_docker_names_registries(tmp_path: Path) -> None:
     path = tmp_path / "dc" / "config.json"  # the directory does not exist yet
     store_credentials("docker.io", Credentials("hubuser", "hub-secret-1"), path=path)
     store_credentials("ghcr.io", Credentials(identity_token="refresh-abc-123"), path=path)
     config = json.loads(path.read_text())
     assert set(config["auths"]) == {"https://index.docker.io/v1/", "ghcr.io"}
     assert config["auths"]["ghcr.io"] == {"identitytoken": "refresh-abc-123"}
-    assert load_credentials("docker.io", path=path) == Credentials("hubuser", "hub-secret-1")
-    assert load_credentials("ghcr.io", path=path) == Credentials(identity_token="refresh-abc-123")
+    assert await load_credentials("docker.io", path=path) == Credentials("hubuser", "hub-secret-1")
+    assert await load_credentials("ghcr.io", path=path) == Credentials(identity_token="refresh-abc-123")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
     # a new login replaces the entry under any of the names docker accepts for that registry

@@ -7,14 +7,18 @@ either returns challenges or raises ``AuthError``. Credentials come from ``confi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import stat
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -140,54 +144,54 @@ def _write_config(directory: Path, config: object) -> Path:
     return path
 
 
-def test_credentials_from_base64_auth(tmp_path: Path) -> None:
+async def test_credentials_from_base64_auth(tmp_path: Path) -> None:
     token = base64.b64encode(b"alice:pa:ss").decode()  # the password may contain ':'
     path = _write_config(tmp_path, {"auths": {"reg.example:5000": {"auth": token}}})
-    creds = load_credentials("reg.example:5000", path=path)
+    creds = await load_credentials("reg.example:5000", path=path)
     assert (creds.username, creds.password) == ("alice", "pa:ss")
     assert creds.basic == "Basic " + token
 
 
-def test_credentials_from_username_password_and_url_keys(tmp_path: Path) -> None:
+async def test_credentials_from_username_password_and_url_keys(tmp_path: Path) -> None:
     path = _write_config(tmp_path, {"auths": {"https://reg.example": {"username": "bob", "password": "hunter2"}}})
-    creds = load_credentials("reg.example", path=path)
+    creds = await load_credentials("reg.example", path=path)
     assert (creds.username, creds.password) == ("bob", "hunter2")
-    assert not load_credentials("other.example", path=path)
+    assert not await load_credentials("other.example", path=path)
 
 
-def test_credentials_identity_token(tmp_path: Path) -> None:
+async def test_credentials_identity_token(tmp_path: Path) -> None:
     path = _write_config(tmp_path, {"auths": {"reg.example": {"auth": base64.b64encode(b"u:p").decode(),
                                                               "identitytoken": "refresh-xyz"}}})
-    creds = load_credentials("reg.example", path=path)
+    creds = await load_credentials("reg.example", path=path)
     assert creds.identity_token == "refresh-xyz"
     assert creds
 
 
-def test_credentials_docker_hub_legacy_key(tmp_path: Path) -> None:
+async def test_credentials_docker_hub_legacy_key(tmp_path: Path) -> None:
     token = base64.b64encode(b"hubuser:hubpass").decode()
     path = _write_config(tmp_path, {"auths": {"https://index.docker.io/v1/": {"auth": token}}})
-    creds = load_credentials("docker.io", path=path)
+    creds = await load_credentials("docker.io", path=path)
     assert (creds.username, creds.password) == ("hubuser", "hubpass")
 
 
-def test_credentials_missing_file_and_entry(tmp_path: Path) -> None:
-    assert load_credentials("reg.example", path=tmp_path / "absent.json") == Credentials()
-    assert not load_credentials("reg.example", path=_write_config(tmp_path, {}))
+async def test_credentials_missing_file_and_entry(tmp_path: Path) -> None:
+    assert await load_credentials("reg.example", path=tmp_path / "absent.json") == Credentials()
+    assert not await load_credentials("reg.example", path=_write_config(tmp_path, {}))
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
-def test_credentials_bad_config_is_bad_input(tmp_path: Path, content: str) -> None:
+async def test_credentials_bad_config_is_bad_input(tmp_path: Path, content: str) -> None:
     path = tmp_path / "config.json"
     path.write_text(content)
     with pytest.raises(BadInputError):
-        load_credentials("reg.example", path=path)
+        await load_credentials("reg.example", path=path)
 
 
-def test_credentials_bad_base64_is_bad_input_without_secret(tmp_path: Path) -> None:
+async def test_credentials_bad_base64_is_bad_input_without_secret(tmp_path: Path) -> None:
     bad = base64.b64encode(b"\xff\xfe:topsecret").decode()  # not UTF-8 once decoded
     path = _write_config(tmp_path, {"auths": {"reg.example": {"auth": bad}}})
     with pytest.raises(BadInputError) as info:
-        load_credentials("reg.example", path=path)
+        await load_credentials("reg.example", path=path)
     assert bad not in str(info.value) and "topsecret" not in str(info.value)
 
 
@@ -211,7 +215,15 @@ known = {{
     "helper.example": {{"Username": "carol", "Secret": "helper-s3cret"}},
     "https://index.docker.io/v1/": {{"Username": "hub", "Secret": "hub-s3cret"}},
     "token.example": {{"Username": "<token>", "Secret": "identity-s3cret"}},
+    "slow.example": {{"Username": "slow", "Secret": "slow-s3cret"}},
 }}
+if server == "slow.example":  # a cloud login's helper: a second or so an answer
+    import time
+    time.sleep(0.6)
+if server == "hang.example":  # a keychain waiting for a passphrase nobody types
+    import os, time
+    pathlib.Path(__file__).with_name("hang.pid").write_text(str(os.getpid()))
+    time.sleep(60)
 if server == "expired.example":
     print("error getting credentials: the login of your cloud account has expired", file=sys.stderr)
     sys.exit(1)
@@ -225,48 +237,106 @@ print(json.dumps(dict(known[server], ServerURL=server)))
     return directory
 
 
-def test_credentials_from_cred_helper(tmp_path: Path, helper_bin: Path) -> None:
+async def test_credentials_from_cred_helper(tmp_path: Path, helper_bin: Path) -> None:
     path = _write_config(tmp_path, {
         "credHelpers": {"helper.example": "blobtest", "docker.io": "blobtest", "token.example": "blobtest"},
         "auths": {"helper.example": {"username": "stale", "password": "stale"}},
     })
-    creds = load_credentials("helper.example", path=path)
+    creds = await load_credentials("helper.example", path=path)
     assert (creds.username, creds.password) == ("carol", "helper-s3cret")  # the helper wins over auths
-    hub = load_credentials("docker.io", path=path)
+    hub = await load_credentials("docker.io", path=path)
     assert (hub.username, hub.password) == ("hub", "hub-s3cret")
-    token = load_credentials("token.example", path=path)
+    token = await load_credentials("token.example", path=path)
     assert (token.username, token.password, token.identity_token) == ("", "", "identity-s3cret")
     asked = (helper_bin / "asked.log").read_text().split()
     assert asked == ["helper.example", "https://index.docker.io/v1/", "token.example"]
 
 
-def test_cred_helper_without_entry_falls_back_to_auths(tmp_path: Path, helper_bin: Path) -> None:
+async def test_cred_helper_without_entry_falls_back_to_auths(tmp_path: Path, helper_bin: Path) -> None:
     path = _write_config(tmp_path, {"credsStore": "blobtest",
                                     "auths": {"plain.example": {"username": "dave", "password": "pw"}}})
-    creds = load_credentials("plain.example", path=path)
+    creds = await load_credentials("plain.example", path=path)
     assert (creds.username, creds.password) == ("dave", "pw")
     assert (helper_bin / "asked.log").read_text().split() == ["plain.example"]
 
 
-def test_cred_helper_that_fails_is_auth_error_saying_why(tmp_path: Path, helper_bin: Path) -> None:
+async def test_cred_helper_that_fails_is_auth_error_saying_why(tmp_path: Path, helper_bin: Path) -> None:
     """Not "credentials not found" but a failure (an expired cloud login): named, as docker and
     crane do, not taken for an anonymous registry that answers 401 later."""
     path = _write_config(tmp_path, {"credHelpers": {"expired.example": "blobtest"}})
     with pytest.raises(AuthError, match=r"docker-credential-blobtest failed for expired.example \(exit 1\): "
                                         "error getting credentials: the login of your cloud account has expired"):
-        load_credentials("expired.example", path=path)
+        await load_credentials("expired.example", path=path)
 
 
-def test_cred_helper_missing_is_auth_error(tmp_path: Path, helper_bin: Path) -> None:
+async def test_a_slow_cred_helper_does_not_stall_the_event_loop(tmp_path: Path, helper_bin: Path) -> None:
+    """The helper is a child process the loop waits on: the job's transfers go on meanwhile."""
+    path = _write_config(tmp_path, {"credsStore": "blobtest"})
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - before)
+
+    ticker = asyncio.create_task(tick())
+    started = loop.time()
+    creds = await load_credentials("slow.example", path=path)
+    ticker.cancel()
+    assert (creds.username, creds.password) == ("slow", "slow-s3cret")
+    assert loop.time() - started >= 0.6 and len(gaps) > 20 and max(gaps) < 0.3, (loop.time() - started, max(gaps))
+
+
+async def test_cancelling_a_lookup_kills_its_helper(tmp_path: Path, helper_bin: Path) -> None:
+    """Ctrl-C while a helper waits for a passphrase: the helper goes too, at once."""
+    path = _write_config(tmp_path, {"credsStore": "blobtest"})
+    lookup = asyncio.create_task(load_credentials("hang.example", path=path))
+    pid_file = helper_bin / "hang.pid"
+    for _ in range(500):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        await asyncio.sleep(0.01)
+    pid = int(pid_file.read_text())
+    lookup.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lookup
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_helper_that_fails_without_reading_its_input(
+    tmp_path: Path, helper_bin: Path, run: Callable[[Coroutine[Any, Any, None]], None]
+) -> None:
+    """It may exit before blobflow has written the server's name. uvloop (the CLI's loop) then
+    raised "unable to perform operation on <WriteUnixTransport closed=True ...>": an internal
+    error in place of the helper's own message."""
+    script = helper_bin / "docker-credential-quick"
+    script.write_text("#!/bin/sh\necho 'keychain is locked' >&2\nexit 3\n")
+    script.chmod(0o755)
+    path = _write_config(tmp_path, {"credsStore": "quick"})
+
+    async def ask() -> None:
+        for _ in range(20):
+            with pytest.raises(AuthError, match=r"docker-credential-quick failed for reg.example \(exit 3\): "
+                                                "keychain is locked"):
+                await load_credentials("reg.example", path=path)
+
+    run(ask())
+
+
+async def test_cred_helper_missing_is_auth_error(tmp_path: Path, helper_bin: Path) -> None:
     path = _write_config(tmp_path, {"credHelpers": {"reg.example": "no-such-helper-blobflow"}})
     with pytest.raises(AuthError, match="docker-credential-no-such-helper-blobflow"):
-        load_credentials("reg.example", path=path)
+        await load_credentials("reg.example", path=path)
 
 
-def test_docker_config_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_docker_config_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_config(tmp_path, {"auths": {"env.example": {"username": "erin", "password": "pw"}}})
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-    assert load_credentials("env.example").username == "erin"
+    assert (await load_credentials("env.example")).username == "erin"
 
 
 def test_credentials_repr_hides_secrets() -> None:

@@ -26,6 +26,7 @@ from faultproxy import Faults
 import blobflow
 from blobflow.config import EngineConfig
 from blobflow.errors import AuthError
+from blobflow.localreg import LocalRegistry
 from blobflow.registry import Credentials
 from blobflow.synth import build_image
 
@@ -160,8 +161,45 @@ async def test_credential_helper_supplies_the_password(
     docker_home.add_helper("blobtest", {reg.host: (PUSHER, PUSHER_PASSWORD)})
     docker_home.write({"auths": {}, "credHelpers": {reg.host: "blobtest"}})
     await _api(reg).push(small_image, f"{reg.host}/team/helped:v1")
-    assert f"get {reg.host}" in docker_home.helper_log.read_text()
+    # asked once, at the first 401, however many requests (three blobs at once) met one
+    assert docker_home.helper_log.read_text().splitlines() == [f"get {reg.host}"]
     assert reg.tokens.tokens_for(PUSHER), "the helper's credentials were not used"
+
+
+async def test_a_credential_store_is_asked_only_by_registries_that_want_a_login(
+    token_registry: TokenRegistry, registry: LocalRegistry, docker_home: DockerHome, small_image: Path,
+) -> None:
+    """docker's ``credsStore`` (Docker Desktop's, a keychain's) covers every registry, and its helper
+    can take a second an answer: blobflow asked it for each registry of a job up front, the open
+    ones included, with the whole job waiting. Now only a registry that answers 401 runs it."""
+    reg = token_registry
+    docker_home.add_helper("blobtest", {reg.host: (PUSHER, PUSHER_PASSWORD)})
+    docker_home.write({"auths": {}, "credsStore": "blobtest"})
+    client = _api(reg)
+    await client.push(small_image, f"{registry.host}/open/app:v1")
+    await client.copy(f"{registry.host}/open/app:v1", f"{reg.host}/team/copied:v1")
+    assert docker_home.helper_log.read_text().splitlines() == [f"get {reg.host}"]
+    assert reg.tokens.tokens_for(PUSHER)
+
+
+async def test_a_failing_credential_helper_fails_the_registry_that_wants_a_login(
+    token_registry: TokenRegistry, registry: LocalRegistry, docker_home: DockerHome, small_image: Path,
+    run_cli: RunCli,
+) -> None:
+    """An expired cloud login's helper: the registry that needs it fails, naming the helper (exit
+    2, as before); an open registry of the same job is not held up by it."""
+    reg = token_registry
+    failing = docker_home.bin_dir / "docker-credential-expired"
+    failing.write_text("#!/bin/sh\necho 'error getting credentials: your login has expired' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    docker_home.write({"auths": {}, "credsStore": "expired"})
+    pushed = await run_cli("push", str(small_image), f"{registry.host}/open/app:v1")
+    assert pushed.returncode == 0, pushed.output
+    copied = await run_cli("copy", f"{registry.host}/open/app:v1", f"{reg.host}/team/app:v1", *_tls(reg))
+    assert copied.returncode == 2, copied.output
+    assert (f"credential helper docker-credential-expired failed for {reg.host} (exit 1): "
+            "error getting credentials: your login has expired") in copied.output
+    assert "Traceback" not in copied.output
 
 
 async def test_identity_token_is_exchanged_for_access_tokens_with_oauth2_post(

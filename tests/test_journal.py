@@ -190,6 +190,6 @@ async def test_without_a_home_the_job_keeps_no_records_and_says_so(
     notes = [e.detail for e in events if e.kind == "info" and "resume records" in e.detail]
     assert len(notes) == 2 and all("no home directory" in n and "--state-dir" in n for n in notes)  # one a job
 
-    assert load_credentials(registry.host) == Credentials()  # nowhere to look: anonymous
+    assert await load_credentials(registry.host) == Credentials()  # nowhere to look: anonymous
     with pytest.raises(blobflow.BadInputError, match="set DOCKER_CONFIG"):
         store_credentials(registry.host, Credentials("u", "p"))

@@ -28,7 +28,7 @@ import aiohttp
 
 from ..errors import AuthError
 from ._http import mapped, proxy_for, raise_for, read_error
-from .credentials import Credentials, redact_all
+from .credentials import CredentialLookup, Credentials, redact_all
 
 __all__ = ["Authenticator", "Challenge", "parse_challenges", "parse_scope"]
 
@@ -191,11 +191,19 @@ def _describe_missing(missing: Access) -> str:
 class Authenticator:
     """How one registry wants requests authorized, and the bearer tokens obtained so far."""
 
-    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials, *,
+    def __init__(self, session: aiohttp.ClientSession, registry: str, credentials: Credentials | CredentialLookup, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.session = session
         self.registry = registry
-        self.credentials = credentials
+        # a credential helper is asked at the registry's first 401, not before: one that never
+        # asks never runs it (docker's credsStore applies to every registry, and Docker Desktop's,
+        # a keychain's or a cloud login's helper can take a second), and it runs beside the job
+        if isinstance(credentials, CredentialLookup) and credentials.helper is None:
+            credentials = credentials.stored
+        self._lookup = credentials if isinstance(credentials, CredentialLookup) else None
+        self._lookup_lock = asyncio.Lock()
+        self._lookup_failed: AuthError | None = None
+        self.credentials = credentials if isinstance(credentials, Credentials) else Credentials()
         self.challenge: Challenge | None = None
         self.tokens_fetched = 0
         self._tokens: dict[str, _Token] = {}
@@ -237,9 +245,24 @@ class Authenticator:
         token = self._cached(scope) or await self._refresh(scope, what, refused=None)
         return f"Bearer {token.value}"
 
+    async def _ask_helper(self) -> None:
+        """Once per registry: the credentials its helper keeps (a failure stays the answer)."""
+        async with self._lookup_lock:
+            if self._lookup_failed is not None:
+                raise AuthError(str(self._lookup_failed))
+            if self._lookup is None:
+                return
+            try:
+                self.credentials = await self._lookup.resolve()
+            except AuthError as e:
+                self._lookup_failed = e
+                raise
+            self._lookup = None
+
     async def unauthorized(self, header: str, scope: str, sent: str | None, what: str) -> None:
         """A 401 with ``header`` answered a request that carried ``sent``: learn the challenge and,
         for bearer auth, get a new token (unless another request already replaced the refused one)."""
+        await self._ask_helper()
         try:
             challenges = parse_challenges(header)
         except AuthError:

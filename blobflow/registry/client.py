@@ -31,7 +31,7 @@ from ..types import ALL_MANIFEST_TYPES, Descriptor, Digest
 from ._http import mapped as _mapped
 from ._http import open_session, proxy_for, raise_for, read_body, retry_after
 from .auth import Authenticator
-from .credentials import Credentials, load_credentials
+from .credentials import CredentialLookup, Credentials, find_credentials
 from .gate import HostGate
 
 __all__ = ["MAX_MANIFEST", "BlobStream", "RegistryClient", "RegistryPool", "Upload", "open_session"]
@@ -115,7 +115,7 @@ class RegistryClient:
     """Endpoints of one registry, with its auth state."""
 
     def __init__(self, session: aiohttp.ClientSession, registry: str, endpoint: str, *,
-                 credentials: Credentials | None = None, plain_http: bool = False,
+                 credentials: Credentials | CredentialLookup | None = None, plain_http: bool = False,
                  loopback: bool = False, rate: float | None = None) -> None:
         self.session = session
         self.gate = HostGate(rate)
@@ -490,9 +490,8 @@ class RegistryPool:
     def client(self, registry: str, endpoint: str, *, loopback: bool) -> RegistryClient:
         if registry not in self._clients:
             assert self._session is not None, "RegistryPool used outside 'async with'"
-            creds = self._credentials.get(registry)
-            if creds is None:
-                creds = load_credentials(registry)
+            given = self._credentials.get(registry)
+            creds = find_credentials(registry) if given is None else given
             self._clients[registry] = RegistryClient(self._session, registry, endpoint, credentials=creds,
                                                      plain_http=self._plain_http, loopback=loopback,
                                                      rate=self._rate)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -16,7 +17,8 @@ from typing import Any
 from ..config import NO_HOME, home_dir
 from ..errors import AuthError, BadInputError
 
-__all__ = ["Credentials", "docker_config_path", "load_credentials", "redact_all", "store_credentials"]
+__all__ = ["CredentialLookup", "Credentials", "docker_config_path", "find_credentials", "load_credentials",
+           "redact_all", "store_credentials"]
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 _MIN_SECRET = 4  # shorter strings are not redacted: replacing "ab" everywhere would only garble text
@@ -78,45 +80,86 @@ def _helper_for(config: dict[str, Any], registry: str) -> str | None:
     return str(helper) if helper else (str(config["credsStore"]) if config.get("credsStore") else None)
 
 
-def load_credentials(registry: str, *, path: Path | None = None) -> Credentials:
-    """Credentials for ``registry`` from docker's config: ``credHelpers``, ``credsStore``, ``auths``."""
+@dataclass(frozen=True, slots=True)
+class CredentialLookup:
+    """Where docker's config keeps one registry's credentials: ``stored`` in ``auths``, and the
+    credential helper to ask before them (``docker-credential-<helper> get``), if one is set."""
+
+    registry: str
+    stored: Credentials = Credentials()
+    helper: str | None = None
+
+    async def resolve(self) -> Credentials:
+        """What the helper answers for the registry, else what ``auths`` stores. The helper runs
+        as a child process the event loop waits on: a slow one (a cloud login, a keychain that
+        asks for a passphrase) stalls nothing else, and cancelling this kills it."""
+        if self.helper:
+            creds = await _from_helper(self.helper, self.registry)
+            if creds:
+                return creds
+        return self.stored
+
+
+def find_credentials(registry: str, *, path: Path | None = None) -> CredentialLookup:
+    """Read docker's config (``credHelpers``, ``credsStore``, ``auths``) for ``registry``; no
+    helper runs yet. An unreadable config is bad input."""
     path = path or docker_config_path()
     if path is None:  # nowhere to look: anonymous, as with a config that does not exist
-        return Credentials()
+        return CredentialLookup(registry)
     config = _read_config(path)
-    keys = _config_keys(registry)
     helper = _helper_for(config, registry)
-    if helper:
-        creds = _from_helper(helper, registry)
-        if creds:
-            return creds
     auths = config.get("auths") or {}
-    entry = next((auths[k] for k in keys if k in auths), None)
+    entry = next((auths[k] for k in _config_keys(registry) if k in auths), None)
     if not isinstance(entry, dict):
-        return Credentials()
+        return CredentialLookup(registry, helper=helper)
     user, pw = entry.get("username", ""), entry.get("password", "")
     if entry.get("auth"):
         try:
             user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             raise BadInputError(f"docker config {path}: the auth entry for {registry} is not base64") from None
-    return Credentials(user, pw, entry.get("identitytoken", ""))
+    return CredentialLookup(registry, Credentials(user, pw, entry.get("identitytoken", "")), helper)
+
+
+async def load_credentials(registry: str, *, path: Path | None = None) -> Credentials:
+    """Credentials for ``registry`` from docker's config: ``credHelpers``, ``credsStore``, ``auths``."""
+    return await find_credentials(registry, path=path).resolve()
 
 
 _NOT_FOUND = "credentials not found"
+_HELPER_TIMEOUT = 30.0
 
 
-def _from_helper(helper: str, registry: str) -> Credentials:
+async def _from_helper(helper: str, registry: str) -> Credentials:
     prog = f"docker-credential-{helper}"
-    server = _server_url(registry)
+    # the server's name waits in a pipe before the helper starts (a host name: far below the pipe's
+    # buffer), so one that exits without reading it (a failure) is no write into a closed pipe
+    stdin, feed = os.pipe()
     try:
-        proc = subprocess.run([prog, "get"], input=server.encode(), capture_output=True, timeout=30, check=False)
+        try:
+            os.write(feed, _server_url(registry).encode())
+        finally:
+            os.close(feed)
+        proc = await asyncio.create_subprocess_exec(prog, "get", stdin=stdin, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
     except FileNotFoundError:
         raise AuthError(f"credential helper {prog} configured for {registry} is not on PATH") from None
-    except subprocess.TimeoutExpired:
-        raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
+    except OSError as e:
+        raise AuthError(f"credential helper {prog} configured for {registry} cannot run: "
+                        f"{e.strerror or type(e).__name__}") from None
+    finally:
+        os.close(stdin)
+    try:
+        async with asyncio.timeout(_HELPER_TIMEOUT):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        raise AuthError(f"credential helper {prog} did not answer within {_HELPER_TIMEOUT:.0f} s") from None
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: it must not outlive the request
+            proc.kill()
+            await proc.wait()
     if proc.returncode != 0:
-        said = (proc.stdout.strip() or proc.stderr.strip()).decode(errors="replace")
+        said = (out.strip() or err.strip()).decode(errors="replace")
         if _NOT_FOUND in said.lower():  # what every helper built on docker-credential-helpers says
             return Credentials()
         # anything else is a failure (expired cloud login, locked keychain), as docker and crane
@@ -124,7 +167,7 @@ def _from_helper(helper: str, registry: str) -> Credentials:
         reason = said.splitlines()[0][:200] if said else "no output"
         raise AuthError(f"credential helper {prog} failed for {registry} (exit {proc.returncode}): {reason}")
     try:
-        data = json.loads(proc.stdout)
+        data = json.loads(out)
         user, secret = str(data.get("Username", "")), str(data.get("Secret", ""))
     except (ValueError, AttributeError):
         raise AuthError(f"credential helper {prog} returned output that is not JSON") from None
