@@ -72,6 +72,22 @@ async def test_login_stores_in_the_configured_credential_helper(
     assert pushed.returncode == 0, pushed.output
 
 
+async def test_login_with_a_credential_helper_that_cannot_run(
+    token_registry: TokenRegistry, docker_home: DockerHome, run_cli: RunCli,
+) -> None:
+    """A helper that is there but not executable: bad input naming it (was "docker-credential-
+    blobtest: Permission denied", exit 1), and nothing written to config.json."""
+    reg = token_registry
+    docker_home.add_helper("blobtest", {}).chmod(0o644)
+    docker_home.write({"credsStore": "blobtest"})
+    run = await run_cli("login", reg.host, "-u", PUSHER, "--password-stdin", *_tls(reg), stdin=PUSHER_PASSWORD)
+    assert run.returncode == 2, run.output
+    assert (f"credential helper docker-credential-blobtest configured for {reg.host} cannot run: "
+            "Permission denied") in run.stderr
+    assert docker_home.read() == {"credsStore": "blobtest"}
+    assert PUSHER_PASSWORD not in run.output
+
+
 async def test_login_to_a_basic_auth_registry(
     auth_registry: LocalRegistry, docker_home: DockerHome, run_cli: RunCli,
 ) -> None:

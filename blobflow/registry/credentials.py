@@ -130,6 +130,13 @@ _NOT_FOUND = "credentials not found"
 _HELPER_TIMEOUT = 30.0
 
 
+def _cannot_start(prog: str, registry: str, e: OSError) -> AuthError:
+    if isinstance(e, FileNotFoundError):
+        return AuthError(f"credential helper {prog} configured for {registry} is not on PATH")
+    return AuthError(f"credential helper {prog} configured for {registry} cannot run: "
+                     f"{e.strerror or type(e).__name__}")
+
+
 async def _from_helper(helper: str, registry: str) -> Credentials:
     prog = f"docker-credential-{helper}"
     # the server's name waits in a pipe before the helper starts (a host name: far below the pipe's
@@ -142,11 +149,8 @@ async def _from_helper(helper: str, registry: str) -> Credentials:
             os.close(feed)
         proc = await asyncio.create_subprocess_exec(prog, "get", stdin=stdin, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE)
-    except FileNotFoundError:
-        raise AuthError(f"credential helper {prog} configured for {registry} is not on PATH") from None
     except OSError as e:
-        raise AuthError(f"credential helper {prog} configured for {registry} cannot run: "
-                        f"{e.strerror or type(e).__name__}") from None
+        raise _cannot_start(prog, registry, e) from None
     finally:
         os.close(stdin)
     try:
@@ -235,8 +239,8 @@ def _to_helper(helper: str, registry: str, credentials: Credentials) -> None:
     try:
         proc = subprocess.run([prog, "store"], input=payload.encode(), capture_output=True, timeout=30,
                               check=False)
-    except FileNotFoundError:
-        raise AuthError(f"credential helper {prog} configured for {registry} is not on PATH") from None
+    except OSError as e:
+        raise _cannot_start(prog, registry, e) from None
     except subprocess.TimeoutExpired:
         raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
     if proc.returncode != 0:
