@@ -79,20 +79,6 @@ async def fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
         raise
 
 
-ATTESTATION = "attestation-manifest"
-
-
-def attested(child: Descriptor) -> Digest | None:
-    """The image an index's ``child`` is an attestation of (buildx's ``vnd.docker.reference.*``
-    annotations), or None when it is not one."""
-    notes = child.annotations or {}
-    if notes.get("vnd.docker.reference.type") != ATTESTATION:
-        return None
-    with contextlib.suppress(BlobflowError):
-        return Digest.parse(notes.get("vnd.docker.reference.digest", ""))
-    return None
-
-
 async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, depth: int = 0, *,
                   platforms: Sequence[Platform] | None = None) -> tuple[RawManifest, list[RawManifest]]:
     """The root to write and the manifests below it.
@@ -109,7 +95,7 @@ async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, d
     if platforms is not None:
         chosen = {c.digest for c in children if any(p.matches(c.platform) for p in platforms)}
         # an attestation (buildx's SBOM and provenance, platform unknown/unknown) goes with the image it is of
-        keep = [c for c in children if c.digest in chosen or attested(c) in chosen]
+        keep = [c for c in children if c.digest in chosen or c.attests in chosen]
         if not keep:
             raise NotFoundError(f"index {root.digest.short} has none of the platforms "
                                 f"{', '.join(map(str, platforms))}")
@@ -122,7 +108,7 @@ async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, d
         match = [c for c in children if platform.matches(c.platform)]
         if not match:
             have = ", ".join(f"{(c.platform or {}).get('os')}/{(c.platform or {}).get('architecture')}"
-                             for c in children if c.platform and attested(c) is None)
+                             for c in children if c.platform and c.attests is None)
             raise NotFoundError(f"no {platform} image in index {root.digest.short} (has: {have or 'none'})")
         return await collect(src, await src.fetch_child(match[0]), platform, depth + 1)
     images: list[RawManifest] = []

@@ -70,6 +70,9 @@ class Digest:
         return f"{self.algorithm}:{self.hex[:12]}"
 
 
+ATTESTATION = "attestation-manifest"
+
+
 @dataclass(frozen=True, slots=True)
 class Descriptor:
     """An OCI content descriptor: what a manifest says about one blob or manifest."""
@@ -98,6 +101,18 @@ class Descriptor:
         known = {"mediaType", "size", "digest", "annotations", "platform"}
         extra = {k: v for k, v in obj.items() if k not in known} or None
         return cls(media_type, digest, size, obj.get("annotations"), obj.get("platform"), extra)
+
+    @property
+    def attests(self) -> Digest | None:
+        """The image an index's entry is an attestation of (buildx's SBOM and provenance manifests,
+        ``vnd.docker.reference.*`` annotations), or None when it is not one."""
+        notes = self.annotations if isinstance(self.annotations, dict) else {}
+        if notes.get("vnd.docker.reference.type") != ATTESTATION:
+            return None
+        try:
+            return Digest.parse(notes.get("vnd.docker.reference.digest", ""))
+        except InvalidDigestError:
+            return None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": str(self.digest), "size": self.size}

@@ -177,6 +177,27 @@ async def test_copy_recompress_zstd_of_an_index(registry: LocalRegistry, registr
             assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff
 
 
+async def test_recompressed_attestations_stay_attached_to_their_images(
+    registry: LocalRegistry, registry2: LocalRegistry, repo_name: str, tmp_path: Path
+) -> None:
+    """buildx's SBOM and provenance name their image by digest (``vnd.docker.reference.digest``):
+    converting the image changes that digest, and the attestations named images that were no
+    longer in the index, where no tool would find them."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [64 * KiB], seed=9, platforms=["linux/amd64", "linux/arm64"], attestations=True)
+    client = blobflow.Client()
+    await client.push(src, f"{registry.host}/{repo_name}:v1")
+    await client.copy(f"{registry.host}/{repo_name}:v1", f"{registry2.host}/{repo_name}:v1", recompress="zstd")
+    await client.push(src, f"{registry2.host}/{repo_name}:pushed", compress="zstd")
+    source = fetch_json(registry, f"{repo_name}/manifests/v1")["manifests"]
+    for tag in ("v1", "pushed"):
+        children = fetch_json(registry2, f"{repo_name}/manifests/{tag}")["manifests"]
+        images = {c["digest"]: c["platform"] for c in children if "annotations" not in c}
+        attached = [images[c["annotations"]["vnd.docker.reference.digest"]] for c in children if "annotations" in c]
+        assert sorted(map(str, attached)) == sorted(map(str, images.values())) and len(attached) == 2, children
+        assert not set(images) & {c["digest"] for c in source}  # the images were converted: new digests
+
+
 async def test_copy_recompress_again_finds_the_conversion_and_moves_nothing(
         registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, proxy: MakeProxy, repo_name: str,
         tmp_path: Path) -> None:

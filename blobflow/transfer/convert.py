@@ -187,7 +187,10 @@ async def _send(ctx: Context, dst: RegistryEnd, desc: Descriptor, diff_id: Diges
 def rewrite_manifests(root: RawManifest, manifests: Sequence[RawManifest], converted: dict[Digest, Descriptor],
                       codec: Codec) -> tuple[RawManifest, list[RawManifest]]:
     """``root`` and ``manifests`` (children first) with converted layers' new media types, digests
-    and sizes, and indexes pointing at their rewritten children. Unchanged ones keep their bytes."""
+    and sizes, and indexes pointing at their rewritten children. Unchanged ones keep their bytes.
+    An attestation of a rewritten image (buildx's SBOM and provenance) is pointed at the image it
+    became: left naming the old digest, no tool would find it (the statements inside still name
+    the original manifest, whose files, uncompressed, are the same)."""
     new: dict[Digest, RawManifest] = {}
 
     def one(m: RawManifest) -> RawManifest:
@@ -202,6 +205,9 @@ def rewrite_manifests(root: RawManifest, manifests: Sequence[RawManifest], conve
             for c, k in zip(doc["manifests"], kids, strict=True):
                 if k in new:
                     c.update(mediaType=new[k].media_type, digest=str(new[k].digest), size=len(new[k].data))
+                of = Descriptor.from_json(c).attests
+                if of is not None and of in new:
+                    c["annotations"]["vnd.docker.reference.digest"] = str(new[of].digest)
         else:
             if not any(Digest.parse(x["digest"]) in converted for x in doc["layers"]):
                 return m
