@@ -18,7 +18,7 @@ from typing import Any
 
 from .codec import Codec
 from .config import EngineConfig
-from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError
+from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError, RegistryError
 from .progress import Event
 from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob, retrying
 from .transfer.convert import Conversion, convert_layer, plan_conversion, rewrite_manifests
@@ -62,13 +62,32 @@ class Platform:
 
 
 
+async def _not_a_blob(src: RegistryEnd, ref: Reference, e: RegistryError) -> None:
+    """A digest copied from a manifest's layers or config, where an image's was meant: Distribution
+    answers 500 (it parses the blob as a manifest), others 404. Say so, not "unknown error" after
+    every retry."""
+    assert ref.digest is not None
+    size = None
+    with contextlib.suppress(BlobflowError):
+        size = await src.client.head_blob(src.repository, ref.digest)
+    if size is not None:
+        said = "" if isinstance(e, NotFoundError) else f" (the registry answered {e.status} for it as one)"
+        raise BadInputError(f"{ref}: {ref.digest.short} is a blob of {src.repository} ({size:,} bytes), "
+                            f"a layer or a config, not a manifest{said}; `blobflow blob get {ref} FILE` "
+                            "fetches it") from None
+
+
 async def fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
     if isinstance(src, LayoutEnd):
         return await src.fetch_manifest(ref if isinstance(ref, str) or ref is None else ref.tag)
     assert isinstance(src, RegistryEnd) and isinstance(ref, Reference)
     try:
         return await src.fetch_manifest(ref.reference)
-    except NotFoundError as e:
+    except RegistryError as e:
+        if ref.digest is not None and (isinstance(e, NotFoundError) or e.status == 500):
+            await _not_a_blob(src, ref, e)
+        if not isinstance(e, NotFoundError):
+            raise
         if ref.digest is None and ref.tag == "latest":
             tags: list[str] = []
             with contextlib.suppress(BlobflowError):

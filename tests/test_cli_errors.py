@@ -412,6 +412,32 @@ async def test_bad_manifest_is_bad_input(fake_registry: MakeFakeRegistry, cli: C
     assert not (tmp_path / "escaped").exists()
 
 
+async def test_a_blob_digest_given_for_an_image_says_it_is_a_blob(
+    registry: LocalRegistry, cli: Cli, tmp_path: Path
+) -> None:
+    """A layer's or the config's digest, copied from `inspect`: Distribution answers 500 "unknown
+    error" for it, and blobflow retried that for 6 s before repeating it (exit 1)."""
+    build_image(tmp_path / "src", "v1", [70_000], seed=14)
+    await blobflow.Client(PLAIN_HTTP).push(tmp_path / "src", f"{registry.host}/blobby/app:v1")
+    manifest = json.loads((await cli("inspect", f"{registry.host}/blobby/app:v1")).stdout)["manifest"]
+    layer, config = manifest["layers"][0], manifest["config"]
+    repo = f"{registry.host}/blobby/app"
+    results = await run_table(cli, {
+        "inspect layer": ["inspect", f"{repo}@{layer['digest']}", "--retries", "8"],
+        "inspect config": ["inspect", f"{repo}@{config['digest']}", "--retries", "8"],
+        "pull layer": ["pull", f"{repo}@{layer['digest']}", str(tmp_path / "out"), "--retries", "8"],
+    })
+    for case, result in results.items():
+        line = assert_one_line_error(result, 2)
+        blob = layer if "layer" in case else config
+        assert f"{blob['digest'][:19]} is a blob of blobby/app ({blob['size']:,} bytes)" in line, line
+        assert f"blobflow blob get {repo}@{blob['digest']} FILE" in line, line
+    assert not (tmp_path / "out").exists()
+    missing = "sha256:" + "ab" * 32  # neither: the registry's own 404, as before
+    line = assert_one_line_error(await cli("inspect", f"{repo}@{missing}"), 1)
+    assert "404 MANIFEST_UNKNOWN" in line, line
+
+
 PLAIN_HTTP = blobflow.EngineConfig(plain_http=True)
 
 
