@@ -208,6 +208,11 @@ class Client:
             src = self._registry_end(ctx, ref)
             size = await retrying(ctx, str(src), lambda: src.client.head_blob(ref.repository, digest))
             if size is None:
+                # a manifest's digest is no blob there (Distribution links manifests apart)
+                manifest = await retrying(ctx, str(src), lambda: src.client.head_manifest(ref.repository, str(digest)))
+                if manifest is not None:
+                    raise BadInputError(f"{ref}: {digest.short} is a manifest of {ref.repository}, not a blob; "
+                                        f"`blobflow inspect --raw {ref}` prints its bytes")
                 raise NotFoundError(f"{ref.registry}/{ref.repository}: blob {digest} not found", status=404)
             await ensure_blob(ctx, src, dst, Descriptor("application/octet-stream", digest, size))
         return self._result("blob get", ctx, started, [])

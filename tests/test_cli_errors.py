@@ -412,7 +412,7 @@ async def test_bad_manifest_is_bad_input(fake_registry: MakeFakeRegistry, cli: C
     assert not (tmp_path / "escaped").exists()
 
 
-async def test_a_blob_digest_given_for_an_image_says_it_is_a_blob(
+async def test_a_blob_digest_given_for_an_image_and_the_other_way_round(
     registry: LocalRegistry, cli: Cli, tmp_path: Path
 ) -> None:
     """A layer's or the config's digest, copied from `inspect`: Distribution answers 500 "unknown
@@ -433,9 +433,16 @@ async def test_a_blob_digest_given_for_an_image_says_it_is_a_blob(
         assert f"{blob['digest'][:19]} is a blob of blobby/app ({blob['size']:,} bytes)" in line, line
         assert f"blobflow blob get {repo}@{blob['digest']} FILE" in line, line
     assert not (tmp_path / "out").exists()
-    missing = "sha256:" + "ab" * 32  # neither: the registry's own 404, as before
+    # the other way round: an image's digest to `blob get` was "blob ... not found", exit 1
+    image = json.loads((await cli("inspect", f"{repo}:v1")).stdout)["digest"]
+    line = assert_one_line_error(await cli("blob", "get", f"{repo}@{image}", str(tmp_path / "m.json")), 2)
+    assert f"{image[:19]} is a manifest of blobby/app, not a blob; `blobflow inspect --raw {repo}@{image}`" in line
+    assert not (tmp_path / "m.json").exists()
+    missing = "sha256:" + "ab" * 32  # neither: not found, as before
     line = assert_one_line_error(await cli("inspect", f"{repo}@{missing}"), 1)
     assert "404 MANIFEST_UNKNOWN" in line, line
+    line = assert_one_line_error(await cli("blob", "get", f"{repo}@{missing}", str(tmp_path / "m.json")), 1)
+    assert line.endswith(f"blob {missing} not found"), line
 
 
 PLAIN_HTTP = blobflow.EngineConfig(plain_http=True)
