@@ -199,9 +199,24 @@ def load_plan(path: Path | str) -> MirrorPlan:
     return parse_plan(data, origin=str(path))
 
 
+_PRE_RELEASE = re.compile(r"[-._~]*(alpha|beta|rc|pre|preview|dev|snapshot|nightly|canary)[-._~]*", re.IGNORECASE)
+
+
 def _version_key(tag: str) -> tuple[tuple[int, int | str], ...]:
-    """Numbers compare as numbers, text as text: 1.9 < 1.10, and 3.20 > 3.9."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d]+", tag))
+    """Version order: numbers compare as numbers (1.9 < 1.10, 3.20 > 3.9); a pre-release comes
+    before its release (1.10.0-rc1 < 1.10.0, 1.22rc1 < 1.22.0) and a variant after it (3.20 <
+    3.20-alpine < 3.20.1); a leading ``v`` is no text (v2.0 > 1.10); a tag that does not start
+    with a number (latest, bookworm) is no version and comes before every one, so ``newest``
+    picks versions. The tag itself breaks ties (1.0 against v1.0)."""
+    body = tag[1:] if re.match(r"v\d", tag) else tag
+    key: list[tuple[int, int | str]] = [(1 if body[:1].isdigit() else 0, "")]
+    for part in re.findall(r"\d+|\D+", body):
+        if part.isdigit():
+            key.append((3, int(part)))
+        else:
+            key.append((0 if _PRE_RELEASE.fullmatch(part) else 4, part))
+    key += [(2, ""), (5, tag)]  # the end: after a pre-release, before a variant
+    return tuple(key)
 
 
 def select_tags(available: Sequence[str], entry: MirrorEntry) -> list[str]:

@@ -39,7 +39,23 @@ def test_select_tags_filters_then_keeps_the_newest_by_version_order() -> None:
     entry = _entry(include=(re.compile(r"^\d+\.\d+"),), exclude=(re.compile("-rc"),), newest=3)
     assert select_tags(tags, entry) == ["1.10", "1.11", "2.0"]
     assert select_tags(tags, _entry(tags=("x", "y"))) == ["x", "y"]
-    assert select_tags(tags, _entry()) == ["1.2", "1.9", "1.10", "1.10-rc1", "1.11", "2.0", "latest"]
+    assert select_tags(tags, _entry()) == ["latest", "1.2", "1.9", "1.10-rc1", "1.10", "1.11", "2.0"]
+
+
+@pytest.mark.parametrize(("tags", "newest"), [
+    # a release is newer than its pre-releases (was: 1.10.0-rc1 picked over 1.10.0, 1.22rc1 over 1.22.1)
+    (["1.9.9", "1.10.0", "1.10.0-rc1", "1.10.0-beta.2", "1.10.0-rc.2"], ["1.10.0-rc1", "1.10.0-rc.2", "1.10.0"]),
+    (["1.21.5", "1.22rc1", "1.22.0", "1.22.1"], ["1.22rc1", "1.22.0", "1.22.1"]),
+    # a variant is newer than the plain tag and older than the next version
+    (["3.20.1", "3.20-alpine", "3.20", "3.9"], ["3.20", "3.20-alpine", "3.20.1"]),
+    # a leading v is no text (was: every v-tag newer than any plain one)
+    (["v1.10.0", "1.9.0", "v2.0.0", "1.11.0"], ["v1.10.0", "1.11.0", "v2.0.0"]),
+    # names are no versions: newest picks versions while there are (was: latest and bookworm the newest)
+    (["latest", "bookworm", "12.5", "12.6", "11.9"], ["11.9", "12.5", "12.6"]),
+    (["latest", "stable", "1.0"], ["latest", "stable", "1.0"]),
+])
+def test_newest_by_version_order(tags: list[str], newest: list[str]) -> None:
+    assert select_tags(tags, _entry(newest=3)) == newest
 
 
 def test_shards_partition_the_plan_deterministically() -> None:
