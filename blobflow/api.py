@@ -250,13 +250,13 @@ class Client:
 
     async def inspect(self, image: str, *, platform: str | None = None) -> RawManifest:
         """The image's manifest; with ``platform``, that platform's manifest from an index (a
-        single image's own manifest whatever its platform, as crane does)."""
+        single image's own manifest when it is of that platform)."""
         ref = Reference.parse(image)
         plat = Platform.parse(platform) if platform else None
         async with self._job() as ctx:
             end = self._registry_end(ctx, ref)
             root = await retrying(ctx, str(end), lambda: fetch_root(end, ref))
-            if plat is None or not root.is_index:
+            if plat is None:
                 return root
             return (await retrying(ctx, str(end), lambda: collect(end, root, plat)))[0]
 

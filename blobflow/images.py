@@ -21,7 +21,7 @@ from .config import EngineConfig
 from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError, RegistryError
 from .progress import Event
 from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob, retrying
-from .transfer.convert import Conversion, convert_layer, plan_conversion, rewrite_manifests
+from .transfer.convert import Conversion, convert_layer, fetch_config, plan_conversion, rewrite_manifests
 from .types import Descriptor, Digest, Reference
 
 __all__ = ["CONVERTED_FROM", "CONVERTED_TO", "PLATFORMS", "PLATFORMS_FROM", "ImageOutcome", "Platform",
@@ -98,6 +98,20 @@ async def fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
         raise
 
 
+async def _check_platform(src: ImageEnd, image: RawManifest, platform: Platform) -> None:
+    """The platform its config names (os, architecture, variant) must match: an image for another
+    platform is not taken silently. A config that names none (an artifact) passes."""
+    try:
+        config = json.loads(await fetch_config(src, Descriptor.from_json(image.doc.get("config"))))
+    except ValueError:
+        return
+    if not isinstance(config, dict) or not config.get("os") or not config.get("architecture"):
+        return
+    if not platform.matches(config):
+        its = Platform(str(config["os"]), str(config["architecture"]), config.get("variant") or None)
+        raise NotFoundError(f"no {platform} image: {image.digest.short} is one image (no index), for {its}")
+
+
 async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, depth: int = 0, *,
                   platforms: Sequence[Platform] | None = None) -> tuple[RawManifest, list[RawManifest]]:
     """The root to write and the manifests below it.
@@ -105,8 +119,11 @@ async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, d
     With ``platform``, the root becomes that platform's manifest (as skopeo and crane do). With
     ``platforms``, an index keeps only the children of those platforms: when that is all of them
     the index is kept as it is (same digest), else a new index of the chosen children is written.
+    A single image asked for by ``platform`` must be of it, as ``docker pull --platform`` checks.
     """
     if not root.is_index:
+        if platform is not None and depth == 0:
+            await _check_platform(src, root, platform)
         return root, [root]
     if depth > 1:
         raise ManifestError(f"index {root.digest.short} nests indexes too deeply")

@@ -494,6 +494,30 @@ async def test_push_annotations(kind: str, registry: LocalRegistry, cli: Cli, re
         assert (doc["config"], doc["layers"]) == (source["config"], source["layers"])
 
 
+async def test_a_platform_asked_of_a_single_image_must_be_its_own(registry: LocalRegistry, cli: Cli, repo_name: str,
+                                                                  tmp_path: Path) -> None:
+    """`pull --platform linux/arm64` of an image that is no index pulled it whatever its platform:
+    a layout of amd64 bytes tagged for an arm64 machine, exit 0. Now its config must say so (as
+    docker pull --platform checks); the same for copy and inspect."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [4 * KiB], seed=73)  # one linux/amd64 image
+    image = f"{registry.host}/{repo_name}:v1"
+    await blobflow.Client().push(src, image)
+
+    pulled, copied, inspected, own = await asyncio.gather(
+        cli("pull", image, str(tmp_path / "arm64"), "--platform", "linux/arm64"),
+        cli("copy", image, f"{registry.host}/{repo_name}-copy:v1", "--platform", "linux/arm64"),
+        cli("inspect", image, "--platform", "linux/arm64/v8"),
+        cli("pull", image, str(tmp_path / "amd64"), "--platform", "linux/amd64"))
+
+    for result in (pulled, copied, inspected):
+        assert result.returncode == 1, result.output
+        assert "is one image (no index), for linux/amd64" in result.stderr and "no linux/arm64" in result.stderr
+    assert not (tmp_path / "arm64").exists()
+    assert (await cli("tags", f"{registry.host}/{repo_name}-copy")).returncode == 1  # nothing was written
+    assert own.returncode == 0, own.output
+
+
 async def test_inspect_a_platform_of_an_index(registry: LocalRegistry, cli: Cli, repo_name: str,
                                               tmp_path: Path) -> None:
     """``inspect --platform`` prints that platform's manifest, as crane and regctl do; a platform
