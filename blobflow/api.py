@@ -156,8 +156,6 @@ class Client:
         recompressed in one streaming pipeline, source digests and diff_ids verified."""
         codec = Codec.parse(recompress) if recompress else None
         sref, dref = Reference.parse(source), Reference.parse(destination)
-        if dref.digest is not None and dref.tag is None:
-            dref = dref.with_tag(sref.tag or "latest")
         check_annotations(dref, annotations)
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
@@ -169,7 +167,7 @@ class Client:
                 img = await _converted_earlier(ctx, made_from, str(sref), dst, dref, codec, "copy")
             if img is None:
                 img = await transfer_image(ctx, src, sref, dst, dref.tag, platform=plat,
-                                            annotations=annotations, convert=codec)
+                                            annotations=annotations, convert=codec, expect=dref.digest)
         return self._result("copy", ctx, started, [img])
 
     async def mirror(self, plan: MirrorPlan | str | Path, *, shard: tuple[int, int] = (0, 1),

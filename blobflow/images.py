@@ -179,7 +179,8 @@ class ImageOutcome:
 async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str | None, dst: ImageEnd,
                          tag: str | None, *, platform: Platform | None = None,
                          platforms: Sequence[str] | None = None, annotations: Mapping[str, str] | None = None,
-                         dry_run: bool = False, convert: Codec | None = None) -> ImageOutcome:
+                         dry_run: bool = False, convert: Codec | None = None,
+                         expect: Digest | None = None) -> ImageOutcome:
     """Make the image at ``src`` present at ``dst`` under ``tag``: blobs first, then manifests,
     children before the root. With ``dry_run`` nothing is written: the outcome says what the blobs
     would do (moved, skipped, mounted, shared), a blob the job needs twice counted once, as a run would.
@@ -188,8 +189,13 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     they stream (:mod:`blobflow.transfer.convert`), verified against the config's diff_ids; the
     manifests (and an index) are rewritten with the new layers; the config is moved unchanged. A
     Docker schema 2 manifest that gets zstd layers becomes an OCI manifest (Docker has no zstd
-    media type). Any failure aborts the image before a manifest is written."""
+    media type). Any failure aborts the image before a manifest is written.
+
+    ``expect``: the digest the destination names (``copy SRC DST@sha256:...``); an image that
+    comes out otherwise is refused, before any blob moves unless layers are converted (the digest
+    is known only once they are)."""
     wanted = [Platform.parse(p) for p in platforms] if platforms is not None else None
+    where = f"{dst}:{tag}" if tag else str(dst)
     root = await retrying(ctx, str(src), lambda: fetch_root(src, src_ref))
     source_digest = root.digest
     root, manifests = await retrying(ctx, str(src), lambda: collect(src, root, platform, platforms=wanted))
@@ -198,6 +204,8 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     below = [m for m in manifests if m is not root]
     if annotations:
         root = annotate(root, annotations)
+    if convert is None:
+        root = _stamped(root, source_digest, None, wanted, expect, where)
     blobs: dict[Digest, Descriptor] = {}
     for m in manifests:
         if not m.is_index:
@@ -212,7 +220,6 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
             blobs.pop(dg, None)
     if isinstance(dst, RegistryEnd):
         preflight_sizes(ctx.config, dst.client.registry, list(blobs.values()))
-    where = f"{dst}:{tag}" if tag else str(dst)
     futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d, dry_run=dry_run)) for d in blobs.values()]
     converting = {dg: ctx.scheduler.spawn(convert_layer(ctx, src, dst, d, diff, convert))  # type: ignore[arg-type]
                   for dg, (d, diff) in conversion.items()}
@@ -245,17 +252,28 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         ctx.emit(Event("info", target=str(dst), n=len(converted), detail=(
             f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
             f"{len(kept)} copied as they are")))
-    if root.digest != source_digest:  # say what it was made from: a re-run can tell it is up to date
-        made = made_of(source_digest, convert, wanted)
-        if made:
-            root = annotate(root, made)
+        root = _stamped(root, source_digest, convert, wanted, expect, where)
     for m in below:
         await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
     await retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
     if isinstance(dst, LayoutEnd):
         dst.set_tag(tag, root)
-    ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=f"{dst}:{tag or root.digest}"))
+    ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=where if tag else f"{dst}@{root.digest}"))
     return result(root)
+
+
+def _stamped(root: RawManifest, source: Digest, convert: Codec | None, platforms: Sequence[Platform] | None,
+             expect: Digest | None, where: str) -> RawManifest:
+    """The root as written: one that is not its source says what it was made from (so a re-run
+    can tell it is up to date), and it must be the digest the destination names, if it names one."""
+    if root.digest != source:
+        made = made_of(source, convert, platforms)
+        if made:
+            root = annotate(root, made)
+    if expect is not None and root.digest != expect:
+        raise BadInputError(f"{where}@{expect.short}: the image to write there is {root.digest}, not the "
+                            f"{expect} the destination names (drop the digest to write it by tag)")
+    return root
 
 
 def made_of(source: Digest, convert: Codec | None, platforms: Sequence[Platform] | None) -> dict[str, str]:

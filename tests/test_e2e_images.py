@@ -247,6 +247,33 @@ async def test_copy_between_registries(registry: LocalRegistry, registry2: Local
     assert manifest_digest_at(registry2, repo_name, "copied") == str(desc.digest)
 
 
+async def test_copy_to_a_digest_writes_that_digest_or_nothing(registry: LocalRegistry, registry2: LocalRegistry,
+                                                               cli: Cli, repo_name: str, tmp_path: Path) -> None:
+    """`copy SRC DST@sha256:...` ignored the digest: it wrote whatever SRC was under SRC's tag.
+    Now the image must come out as that digest, as skopeo checks; without a tag it is written by
+    digest alone, and a wrong digest is refused before any blob moves."""
+    src = tmp_path / "src"
+    desc = build_image(src, "v1", [16 * KiB, 64 * KiB], seed=22)
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
+    wrong = "sha256:" + "ab" * 32
+    source = f"{registry.host}/{repo_name}:v1"
+
+    refused = await cli("copy", source, f"{registry2.host}/{repo_name}:v2@{wrong}")
+    line = assert_one_line_error(refused, 2)
+    assert f"the image to write there is {desc.digest}, not the {wrong} the destination names" in line, line
+    assert all(blob_status(registry2, repo_name, d) == 404 for d in image_blobs(src, str(desc.digest)))
+
+    pinned = await cli("copy", f"{registry.host}/{repo_name}@{desc.digest}",
+                       f"{registry2.host}/{repo_name}@{desc.digest}")
+    assert pinned.returncode == 0, pinned.output
+    assert manifest_digest_at(registry2, repo_name, str(desc.digest)) == str(desc.digest)
+    assert registry_head(registry2, f"{repo_name}/manifests/latest")[0] == 404  # no tag made up
+    assert registry_head(registry2, f"{repo_name}/manifests/v1")[0] == 404
+    tagged = await cli("copy", source, f"{registry2.host}/{repo_name}:v2@{desc.digest}")
+    assert tagged.returncode == 0, tagged.output
+    assert manifest_digest_at(registry2, repo_name, "v2") == str(desc.digest)
+
+
 # -- multi-platform indexes --------------------------------------------------------------------
 
 def build_index(root: Path) -> tuple[str, dict[str, str]]:
