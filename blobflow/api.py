@@ -33,7 +33,7 @@ from .images import (
     preflight_sizes,
     transfer_image,
 )
-from .layout import Layout
+from .layout import Layout, writable_file
 from .mirror import MirrorPlan, MirrorResult, load_plan, run_mirror
 from .progress import Event, Listener, Stats
 from .registry import Credentials, RegistryPool
@@ -191,7 +191,7 @@ class Client:
         if ref.digest is None:
             raise BadInputError(f"{image}: blob get needs IMAGE@sha256:<digest>")
         if isinstance(file, str | os.PathLike):
-            return await self._blob_get(ref, FileEnd(_writable_file(Path(file))))
+            return await self._blob_get(ref, FileEnd(writable_file(Path(file))))
         with tempfile.TemporaryDirectory(prefix="blobflow-") as tmp:
             spool = Path(tmp) / "blob"
             result = await self._blob_get(ref, FileEnd(spool, resumable=False))
@@ -273,17 +273,6 @@ async def _converted_earlier(ctx: Context, source: Digest | None, what: str, dst
     ctx.emit(Event("info", target=where, detail=(
         f"{where} already holds {what} ({source.short}) converted to {codec}: nothing to {op}")))
     return ImageOutcome(what, where, str(current), 0, 0)
-
-
-def _writable_file(path: Path) -> Path:
-    """``path`` as a place for a new file: bad input when it is a directory or its directory is
-    missing (found after the download, the blob was left in a partial file beside it)."""
-    if path.is_dir():
-        raise BadInputError(f"{path} is a directory: give a file name for the blob")
-    if not path.parent.is_dir():
-        why = "is not a directory" if path.parent.exists() else "does not exist"
-        raise BadInputError(f"{path}: {path.parent} {why}")
-    return path
 
 
 def _hash_file(path: Path) -> tuple[Digest, int]:

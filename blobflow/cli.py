@@ -407,6 +407,7 @@ async def _login(args: argparse.Namespace, config: EngineConfig) -> int:
 async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
     from . import benchreport
     from .bench import BenchParams, run_bench
+    from .layout import writable_file
 
     if args.target == "compare":
         if len(args.reports) != 2:
@@ -423,7 +424,7 @@ async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
             raise BadInputError(benchreport.PLOT_MISSING) from None
     for flag, path in (("--json", args.json_file), ("--plot", args.plot)):
         if path:  # written at the end of the run: found out now
-            _check_output_file(path, flag)
+            writable_file(Path(path), f"{flag} {path}")
     params = BenchParams(target=args.target, sizes=args.sizes, concurrency=args.bench_concurrency,
                          ops=tuple(o.strip() for o in args.ops.split(",") if o.strip()), repeat=args.repeat,
                          duration=args.duration, blobs=args.blobs, copy_to=args.copy_to, cleanup=not args.keep)
@@ -450,26 +451,14 @@ async def _bench(args: argparse.Namespace, config: EngineConfig) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
-def _check_output_file(path: str, flag: str) -> None:
-    """A file the command will write at its end: its directory must exist and take files."""
-    target = Path(path)
-    if target.is_dir():
-        raise BadInputError(f"{flag} {path}: is a directory")
-    parent = target.parent
-    if not parent.is_dir():
-        raise BadInputError(f"{flag} {path}: no directory {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"{flag} {path}: cannot write in {parent}")
-
-
 async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) -> int:
-    from .layout import atomic_write
+    from .layout import atomic_write, writable_file
     from .mirror import load_plan, parse_shard
 
     plan = load_plan(args.plan)
     shard = parse_shard(args.shard)
     if args.report:  # found out now, not after an hour of mirroring
-        _check_output_file(args.report, "--report")
+        writable_file(Path(args.report), f"--report {args.report}")
     if plan.concurrency and args.concurrency is None:
         client.config = dataclasses.replace(client.config, concurrency=plan.concurrency)
     rate = args.rate if args.rate is not None else plan.rate

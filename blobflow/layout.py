@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DigestMismatchError, LayoutError, ManifestError
+from .errors import BadInputError, DigestMismatchError, LayoutError, ManifestError
 from .types import INDEX_TYPES, MEDIA_OCI_INDEX, Descriptor, Digest
 
 __all__ = ["REF_NAME", "BlobWriter", "Layout", "atomic_write", "name_os_errors"]
@@ -72,6 +72,22 @@ def name_os_errors(path: Path) -> Iterator[None]:
         if e.filename is None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def writable_file(path: Path, name: str | None = None) -> Path:
+    """``path`` as the place of a file a command writes at its end (a blob, a report): bad input,
+    found before any transfer, when it is a directory or its directory is missing or cannot take
+    files. Found at the end, a run was lost, or a verified blob left in a ``.partial`` file.
+    ``name`` is how the user gave it (a flag and the path)."""
+    name = name or str(path)
+    if path.is_dir():
+        raise BadInputError(f"{name}: is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise BadInputError(f"{name}: {parent} {'is not a directory' if parent.exists() else 'does not exist'}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"{name}: cannot write in {parent}")
+    return path
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -657,13 +657,18 @@ async def test_a_reader_that_went_away_ends_the_command_quietly(registry: LocalR
 
 
 async def test_bench_outputs_that_could_not_be_written_are_refused_before_the_run(cli: Cli, tmp_path: Path) -> None:
-    """A bench writes --json and --plot at its end; a wrong path used to cost the whole run."""
+    """A bench writes --json and --plot at its end, a mirror its --report: a wrong path used to
+    cost the whole run."""
     with socket.socket() as s:  # nothing listens there: a run that started would fail with exit 1
         s.bind(("127.0.0.1", 0))
         target = f"127.0.0.1:{s.getsockname()[1]}/bench"
     missing = tmp_path / "no-such-dir" / "report.json"
     line = assert_one_line_error(await cli("bench", "--plain-http", target, "--json", str(missing)), 2)
-    assert line == f"blobflow: --json {missing}: no directory {missing.parent}"
+    assert line == f"blobflow: --json {missing}: {missing.parent} does not exist"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[mirror]]\nsource = "{target}"\ndestination = "{target}-copy"\ntags = ["v1"]\n')
+    line = assert_one_line_error(await cli("mirror", str(plan), "--plain-http", "--report", str(tmp_path)), 2)
+    assert line == f"blobflow: --report {tmp_path}: is a directory; give a file name"
 
 
 # -- registries that take no pushes -------------------------------------------------------------
