@@ -218,8 +218,11 @@ class Client:
     async def blob_put(self, file: str | os.PathLike[str] | BinaryIO, repository: str
                        ) -> tuple[Result, Descriptor]:
         """Upload ``file`` (a path, or an open binary file such as ``sys.stdin.buffer``, read to
-        its end into a temporary file under ``$TMPDIR`` first: the digest goes before the bytes)."""
-        ref = Reference.parse(repository)
+        its end into a temporary file under ``$TMPDIR`` first: the digest goes before the bytes).
+        ``repository`` takes no tag (a blob has none); a digest there is what the file must hash to."""
+        ref = Reference.parse(repository, default_tag=None)
+        if ref.tag is not None:
+            raise BadInputError(f"{repository}: blob put takes a repository; a blob has no tag")
         if isinstance(file, str | os.PathLike):
             path = Path(file)
             try:
@@ -233,6 +236,9 @@ class Client:
             return await self._blob_put(spool, ref, Descriptor("application/octet-stream", digest, size))
 
     async def _blob_put(self, path: Path, ref: Reference, desc: Descriptor) -> tuple[Result, Descriptor]:
+        if ref.digest is not None and ref.digest != desc.digest:
+            raise BadInputError(f"{ref}: the blob to upload is {desc.digest}, not the {ref.digest} named there; "
+                                "nothing sent")
         preflight_sizes(self.config, ref.registry, [desc])
         started = time.monotonic()
         async with self._job() as ctx:

@@ -445,6 +445,34 @@ async def test_a_blob_digest_given_for_an_image_and_the_other_way_round(
     assert line.endswith(f"blob {missing} not found"), line
 
 
+async def test_blob_put_takes_a_repository_and_checks_a_digest_given_with_it(
+    registry: LocalRegistry, proxy: MakeProxy, cli: Cli, tmp_path: Path
+) -> None:
+    """`blob put FILE REPO:tag` and `REPO@sha256:<other>` were taken as REPO, the tag or digest
+    dropped without a word. A tag is bad input; a digest is what the file must hash to (checked
+    before a byte is sent, from a file or standard input)."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"y" * 3000)
+    digest = "sha256:" + hashlib.sha256(b"y" * 3000).hexdigest()
+    wrong = "sha256:" + "ab" * 32
+    p = await proxy(registry)
+    repo = f"{p.host}/put/here"
+    results = await run_table(cli, {
+        "tag": ["blob", "put", str(blob), f"{repo}:v1"],
+        "wrong": ["blob", "put", str(blob), f"{repo}@{wrong}"],
+    })
+    line = assert_one_line_error(results["tag"], 2)
+    assert line.endswith(f"{repo}:v1: blob put takes a repository; a blob has no tag"), line
+    line = assert_one_line_error(results["wrong"], 2)
+    assert f"the blob to upload is {digest}, not the {wrong} named there; nothing sent" in line, line
+    line = assert_one_line_error(await cli("blob", "put", "-", f"{repo}@{wrong}", stdin=b"y" * 3000), 2)
+    assert f"the blob to upload is {digest}" in line, line
+    assert p.log == []  # nothing asked of the registry
+    right = await cli("blob", "put", str(blob), f"{repo}@{digest}")
+    assert right.returncode == 0, right.output
+    assert right.stdout.split()[0] == digest
+
+
 PLAIN_HTTP = blobflow.EngineConfig(plain_http=True)
 
 
