@@ -265,11 +265,13 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
 def _stamped(root: RawManifest, source: Digest, convert: Codec | None, platforms: Sequence[Platform] | None,
              expect: Digest | None, where: str) -> RawManifest:
     """The root as written: one that is not its source says what it was made from (so a re-run
-    can tell it is up to date), and it must be the digest the destination names, if it names one."""
+    can tell it is up to date), and it must be the digest the destination names, if it names one.
+    What the source says it was made from goes: a mirror of a mirror that converted or selected
+    platforms itself would never match this run's record, and so never be up to date."""
     if root.digest != source:
         made = made_of(source, convert, platforms)
         if made:
-            root = annotate(root, made)
+            root = annotate(root, made, drop=MADE_KEYS)
     if expect is not None and root.digest != expect:
         raise BadInputError(f"{where}@{expect.short}: the image to write there is {root.digest}, not the "
                             f"{expect} the destination names (drop the digest to write it by tag)")
@@ -308,9 +310,10 @@ async def holds_image(dst: RegistryEnd, reference: str, source: Digest, *, conve
     return bool(want) and have == want
 
 
-def annotate(raw: RawManifest, annotations: Mapping[str, str]) -> RawManifest:
+def annotate(raw: RawManifest, annotations: Mapping[str, str], *, drop: Sequence[str] = ()) -> RawManifest:
     doc = raw.doc
-    doc["annotations"] = {**(doc.get("annotations") or {}), **annotations}
+    kept = {k: v for k, v in (doc.get("annotations") or {}).items() if k not in drop}
+    doc["annotations"] = {**kept, **annotations}
     data = json.dumps(doc, indent=2).encode()
     return RawManifest.parse_bytes(data, raw.media_type)
 

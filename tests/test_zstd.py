@@ -395,6 +395,26 @@ async def test_mirror_recompress_of_some_platforms_is_up_to_date_next_time(
     assert statuses(again.stdout) == ["up to date"] and gets == 0
 
 
+async def test_a_mirror_of_a_converted_mirror_is_up_to_date_next_time(
+        registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
+    """Site B mirrors site A's zstd mirror, one platform of it. The source's index carries A's
+    record (converted from, converted to); B's copy carried it on beside its own (platforms from),
+    so it never matched B's record, and every run copied again, never up to date."""
+    build_image(tmp_path / "img", "1.0", [48 * KiB], seed=34, platforms=["linux/amd64", "linux/arm64"])
+    await blobflow.Client().push(tmp_path / "img", f"{registry.host}/upstream/two:1.0", compress="zstd")
+    a = fetch_json(registry, "upstream/two/manifests/1.0")
+    assert "dev.blobflow.converted.to" in a["annotations"]  # site A's record
+    source = str(Digest.of(fetch(registry, "upstream/two/manifests/1.0")[1]))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[mirror]]\nsource = "{registry.host}/upstream/two"\n'
+                    f'destination = "{registry2.host}/site-b/two"\ntags = ["1.0"]\nplatforms = ["linux/arm64"]\n')
+    runs = [await cli("mirror", "--plain-http", str(plan), "--state-dir", str(tmp_path / "state")) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[1].output
+    assert statuses(runs[0].stdout) == ["copied"] and statuses(runs[1].stdout) == ["up to date"]
+    index = fetch_json(registry2, "site-b/two/manifests/1.0")
+    assert index["annotations"] == {"dev.blobflow.platforms.from": source, "dev.blobflow.platforms": "linux/arm64"}
+
+
 async def test_a_plan_that_gains_recompress_converts_what_it_mirrored_as_it_was(
         registry: LocalRegistry, registry2: LocalRegistry, cli: Cli, tmp_path: Path) -> None:
     """The destination holds the source's own digest: current for a plain mirror, not for a plan
