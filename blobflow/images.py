@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import Codec
+from .codec import MEDIA_DOCKER_CONFIG, MEDIA_OCI_CONFIG, Codec
 from .config import EngineConfig
 from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError, RegistryError
 from .progress import Event
@@ -100,9 +100,13 @@ async def fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
 
 async def _check_platform(src: ImageEnd, image: RawManifest, platform: Platform) -> None:
     """The platform its config names (os, architecture, variant) must match: an image for another
-    platform is not taken silently. A config that names none (an artifact) passes."""
+    platform is not taken silently. An artifact (another config type, or one naming no platform)
+    passes, its config not fetched."""
+    desc = Descriptor.from_json(image.doc.get("config"))
+    if desc.media_type not in (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG):
+        return
     try:
-        config = json.loads(await fetch_config(src, Descriptor.from_json(image.doc.get("config"))))
+        config = json.loads(await fetch_config(src, desc))
     except ValueError:
         return
     if not isinstance(config, dict) or not config.get("os") or not config.get("architecture"):

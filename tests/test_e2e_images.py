@@ -521,8 +521,8 @@ async def test_push_annotations(kind: str, registry: LocalRegistry, cli: Cli, re
         assert (doc["config"], doc["layers"]) == (source["config"], source["layers"])
 
 
-async def test_a_platform_asked_of_a_single_image_must_be_its_own(registry: LocalRegistry, cli: Cli, repo_name: str,
-                                                                  tmp_path: Path) -> None:
+async def test_a_platform_asked_of_a_single_image_must_be_its_own(registry: LocalRegistry, proxy: MakeProxy, cli: Cli,
+                                                                  repo_name: str, tmp_path: Path) -> None:
     """`pull --platform linux/arm64` of an image that is no index pulled it whatever its platform:
     a layout of amd64 bytes tagged for an arm64 machine, exit 0. Now its config must say so (as
     docker pull --platform checks); the same for copy and inspect."""
@@ -543,6 +543,24 @@ async def test_a_platform_asked_of_a_single_image_must_be_its_own(registry: Loca
     assert not (tmp_path / "arm64").exists()
     assert (await cli("tags", f"{registry.host}/{repo_name}-copy")).returncode == 1  # nothing was written
     assert own.returncode == 0, own.output
+
+    # an artifact (a Helm chart's config names no platform) is what it is: no config fetched to check
+    client = blobflow.Client()
+    (tmp_path / "config").write_bytes(b'{"name": "chart", "version": "1.0.0"}')
+    (tmp_path / "chart").write_bytes(b"chart bytes")
+    _, config = await client.blob_put(tmp_path / "config", f"{registry.host}/{repo_name}-chart")
+    _, chart = await client.blob_put(tmp_path / "chart", f"{registry.host}/{repo_name}-chart")
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json",
+                                      "digest": str(config.digest), "size": config.size},
+                           "layers": [{"mediaType": "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+                                       "digest": str(chart.digest), "size": chart.size}]}).encode()
+    put_manifest(registry, f"{repo_name}-chart", "1.0.0", manifest, "application/vnd.oci.image.manifest.v1+json")
+    chart_proxy = await proxy(registry)
+    shown = await cli("inspect", f"{chart_proxy.host}/{repo_name}-chart:1.0.0", "--platform", "linux/arm64", "--raw")
+    assert shown.returncode == 0, shown.output
+    assert shown.stdout_bytes == manifest
+    assert not [path for method, path, _ in chart_proxy.log if "/blobs/" in path]
 
 
 async def test_inspect_a_platform_of_an_index(registry: LocalRegistry, cli: Cli, repo_name: str,
