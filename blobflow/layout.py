@@ -74,6 +74,17 @@ def name_os_errors(path: Path) -> Iterator[None]:
         raise
 
 
+def _unreadable(e: OSError | ValueError) -> str:
+    """Why a layout's JSON file could not be read, in words: where its JSON breaks, or the OS's reason."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, UnicodeDecodeError):
+        return "is not UTF-8 text"
+    if isinstance(e, OSError):
+        return f"is unreadable: {e.strerror or type(e).__name__}"
+    return f"is unreadable: {type(e).__name__}"
+
+
 def writable_file(path: Path, name: str | None = None) -> Path:
     """``path`` as the place of a file a command writes at its end (a blob, a report): bad input,
     found before any transfer, when it is a directory or its directory is missing or cannot take
@@ -195,8 +206,8 @@ class Layout:
         except NotADirectoryError:  # `docker save` and oci-archive output are tar files
             raise LayoutError(f"{root} is a file, not an OCI image layout directory; if it is an oci-archive "
                               f"tar, extract it first: mkdir DIR && tar -xf {root} -C DIR") from None
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise LayoutError(f"{root}/oci-layout is unreadable: {type(e).__name__}") from None
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            raise LayoutError(f"{root}/oci-layout {_unreadable(e)}") from None
         if not isinstance(marker, dict) or "imageLayoutVersion" not in marker:
             raise LayoutError(f"{root}/oci-layout has no imageLayoutVersion")
         layout = cls(root)
@@ -232,7 +243,7 @@ class Layout:
         except FileNotFoundError:
             raise LayoutError(f"{self.root} is not an OCI image layout (no index.json)") from None
         except (OSError, ValueError) as e:
-            raise LayoutError(f"{path} is unreadable: {type(e).__name__}") from None
+            raise LayoutError(f"{path} {_unreadable(e)}") from None
         if not isinstance(data, dict) or not isinstance(data.get("manifests", []), list):
             raise LayoutError(f"{path} is not an OCI index")
         return data

@@ -73,3 +73,16 @@ def test_what_is_not_a_layout_is_named_for_what_it_is(tmp_path: Path) -> None:
     for root, message in cases.items():
         with pytest.raises(LayoutError, match=re.escape(f"{root} {message}")):
             Layout.open(root)
+
+
+def test_a_layout_file_that_is_not_json_says_where_it_breaks(tmp_path: Path) -> None:
+    """Was "index.json is unreadable: JSONDecodeError": no hint of what or where."""
+    root = tmp_path / "layout"
+    Layout.create(root)
+    (root / "index.json").write_text('{"schemaVersion": 2, "manifests": [,]}')
+    with pytest.raises(LayoutError, match=re.escape(f"{root / 'index.json'} is not valid JSON "
+                                                    "(Expecting value at line 1 column 36)")):
+        Layout.open(root)
+    (root / "oci-layout").write_bytes(b'{"imageLayoutVersion": "1.0.0\xff"}')
+    with pytest.raises(LayoutError, match=re.escape(f"{root / 'oci-layout'} is not UTF-8 text")):
+        Layout.open(root)
