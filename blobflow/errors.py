@@ -23,6 +23,8 @@ working (as aiohttp does). No aiohttp exception escapes ``blobflow.registry``.
 
 from __future__ import annotations
 
+import json
+
 __all__ = [
     "AuthError",
     "BadInputError",
@@ -38,6 +40,7 @@ __all__ = [
     "NotFoundError",
     "RegistryError",
     "TransferError",
+    "unreadable",
 ]
 
 
@@ -131,3 +134,15 @@ class DeadlineError(TransferError):
         self.size = size
         self.rate = rate
         self.required = required
+
+
+def unreadable(e: OSError | ValueError) -> str:
+    """Why a JSON file of the user's (a layout's, docker's config) could not be read, in words:
+    where its JSON breaks, or the OS's reason. Never its content: it may hold secrets."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, UnicodeDecodeError):
+        return "is not UTF-8 text"
+    if isinstance(e, OSError):
+        return f"is unreadable: {e.strerror or type(e).__name__}"
+    return f"is unreadable: {type(e).__name__}"

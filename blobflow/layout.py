@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError, DigestMismatchError, LayoutError, ManifestError
+from .errors import BadInputError, DigestMismatchError, LayoutError, ManifestError, unreadable
 from .types import INDEX_TYPES, MEDIA_OCI_INDEX, Descriptor, Digest
 
 __all__ = ["REF_NAME", "BlobWriter", "Layout", "atomic_write", "name_os_errors"]
@@ -72,17 +72,6 @@ def name_os_errors(path: Path) -> Iterator[None]:
         if e.filename is None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
-
-
-def _unreadable(e: OSError | ValueError) -> str:
-    """Why a layout's JSON file could not be read, in words: where its JSON breaks, or the OS's reason."""
-    if isinstance(e, json.JSONDecodeError):
-        return f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-    if isinstance(e, UnicodeDecodeError):
-        return "is not UTF-8 text"
-    if isinstance(e, OSError):
-        return f"is unreadable: {e.strerror or type(e).__name__}"
-    return f"is unreadable: {type(e).__name__}"
 
 
 def writable_file(path: Path, name: str | None = None) -> Path:
@@ -207,7 +196,7 @@ class Layout:
             raise LayoutError(f"{root} is a file, not an OCI image layout directory; if it is an oci-archive "
                               f"tar, extract it first: mkdir DIR && tar -xf {root} -C DIR") from None
         except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-            raise LayoutError(f"{root}/oci-layout {_unreadable(e)}") from None
+            raise LayoutError(f"{root}/oci-layout {unreadable(e)}") from None
         if not isinstance(marker, dict) or "imageLayoutVersion" not in marker:
             raise LayoutError(f"{root}/oci-layout has no imageLayoutVersion")
         layout = cls(root)
@@ -243,7 +232,7 @@ class Layout:
         except FileNotFoundError:
             raise LayoutError(f"{self.root} is not an OCI image layout (no index.json)") from None
         except (OSError, ValueError) as e:
-            raise LayoutError(f"{path} {_unreadable(e)}") from None
+            raise LayoutError(f"{path} {unreadable(e)}") from None
         if not isinstance(data, dict) or not isinstance(data.get("manifests", []), list):
             raise LayoutError(f"{path} is not an OCI index")
         return data

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Coroutine
@@ -179,11 +180,14 @@ async def test_credentials_missing_file_and_entry(tmp_path: Path) -> None:
     assert not await load_credentials("reg.example", path=_write_config(tmp_path, {}))
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
-async def test_credentials_bad_config_is_bad_input(tmp_path: Path, content: str) -> None:
+@pytest.mark.parametrize(("content", "said"), [
+    ("{not json", "is not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ("[1, 2]", "is not a JSON object"),
+])
+async def test_credentials_bad_config_is_bad_input(tmp_path: Path, content: str, said: str) -> None:
     path = tmp_path / "config.json"
     path.write_text(content)
-    with pytest.raises(BadInputError):
+    with pytest.raises(BadInputError, match=re.escape(f"docker config {path} {said}")):
         await load_credentials("reg.example", path=path)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NO_HOME, home_dir
-from ..errors import AuthError, BadInputError
+from ..errors import AuthError, BadInputError, unreadable
 
 __all__ = ["CredentialLookup", "Credentials", "docker_config_path", "find_credentials", "load_credentials",
            "redact_all", "store_credentials"]
@@ -67,7 +67,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read docker config {path}: {type(e).__name__}") from None
+        raise BadInputError(f"docker config {path} {unreadable(e)}") from None
     if not isinstance(config, dict):
         raise BadInputError(f"docker config {path} is not a JSON object")
     return config
