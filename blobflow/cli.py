@@ -113,6 +113,10 @@ def _connection_and_output(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plain-http", action="store_true", help="use HTTP, not HTTPS, for every registry")
     g.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for TLS, besides the system's")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (unsafe)")
+    _output(p)
+
+
+def _output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output options")
     g.add_argument("--json", action="store_true", help="JSON lines on stdout: events and a final summary")
     g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -214,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-stdin", action="store_true",
                    help="read the password or token from standard input (asked for on a terminal otherwise)")
     _connection_and_output(p)
+
+    p = _command(sub, "logout", "forget a registry's credentials where docker keeps them (its credential "
+                 "helper, and $DOCKER_CONFIG/config.json)", "blobflow logout ghcr.io")
+    p.add_argument("registry", metavar="REGISTRY", help="host[:port], e.g. ghcr.io or localhost:5000")
+    _output(p)  # it talks to no registry
+    p.set_defaults(plain_http=False, insecure=False, ca_file=None)
 
     bench_help = ("benchmark a registry with synthetic blobs: push, pull or copy over a sweep of blob "
                   "sizes and concurrency levels; a table, --json FILE (schema in blobflow.benchreport) and --plot.\n"
@@ -317,6 +327,8 @@ async def _run(args: argparse.Namespace, client: Client, render: Renderer) -> in
         return EXIT_OK
     elif cmd == "login":
         return await _login(args, client.config)
+    elif cmd == "logout":
+        return await _logout(args)
     elif cmd == "bench":
         return await _bench(args, client.config)
     elif cmd == "inspect":
@@ -401,6 +413,20 @@ async def _login(args: argparse.Namespace, config: EngineConfig) -> int:
                           "stored_in": where}))
     elif not args.quiet:
         print(f"Login Succeeded: {creds.username} at {ref.registry}, stored in {where}")
+    return EXIT_OK
+
+
+async def _logout(args: argparse.Namespace) -> int:
+    """As docker logout: nothing stored for the registry is no error (a script may log out twice)."""
+    from .registry import erase_credentials
+
+    registry = _login_registry(args.registry).registry
+    removed = await asyncio.to_thread(erase_credentials, registry)
+    if args.json:
+        print(json.dumps({"event": "logout", "registry": registry, "removed_from": removed}))
+    elif not args.quiet:
+        print(f"Removed the credentials for {registry} from {' and '.join(removed)}" if removed
+              else f"Not logged in to {registry}: nothing stored for it")
     return EXIT_OK
 
 

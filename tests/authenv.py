@@ -173,6 +173,11 @@ if action == "store":
 else:
     server = data.strip()
 open(log_path, "a").write(action + " " + server + "\\n")
+if action == "erase":
+    if saved.pop(server, None) is None:
+        print("credentials not found in native keychain")
+        sys.exit(1)
+    json.dump(saved, open(saved_path, "w"))
 if action == "get":
     if server not in saved:
         print("credentials not found in native keychain")

@@ -72,6 +72,46 @@ async def test_login_stores_in_the_configured_credential_helper(
     assert pushed.returncode == 0, pushed.output
 
 
+async def test_logout_forgets_what_login_stored(
+    token_registry: TokenRegistry, docker_home: DockerHome, small_image: Path, run_cli: RunCli,
+) -> None:
+    """`blobflow logout` undoes `blobflow login`, as docker logout does: the helper's copy is
+    erased and the config's entry goes, other settings kept; logging out again is no error."""
+    reg = token_registry
+    docker_home.add_helper("blobtest", {})
+    docker_home.write({"credHelpers": {reg.host: "blobtest"}, "auths": {"other.example": {"auth": "b3RoZXI6cHc="}},
+                       "proxies": {"default": {}}})
+    login = await run_cli("login", reg.host, "-u", PUSHER, "--password-stdin", *_tls(reg), stdin=PUSHER_PASSWORD)
+    assert login.returncode == 0, login.output
+    assert reg.host in docker_home.helper_saved("blobtest")
+
+    out = await run_cli("logout", reg.host)
+    assert out.returncode == 0, out.output
+    assert out.stdout.strip() == (f"Removed the credentials for {reg.host} from credential helper "
+                                  f"docker-credential-blobtest and {docker_home.config_path}")
+    assert docker_home.helper_saved("blobtest") == {}
+    assert docker_home.read() == {"credHelpers": {reg.host: "blobtest"},
+                                  "auths": {"other.example": {"auth": "b3RoZXI6cHc="}}, "proxies": {"default": {}}}
+    denied = await run_cli("push", str(small_image), f"{reg.host}/team/app:v1", *_tls(reg))
+    assert denied.returncode == 2 and "denied" in denied.stderr, denied.output  # anonymous now
+
+    again = await run_cli("logout", f"https://{reg.host}/", "--json")
+    assert again.returncode == 0, again.output
+    assert json.loads(again.stdout) == {"event": "logout", "registry": reg.host, "removed_from": []}
+
+
+async def test_logout_from_a_helper_that_fails_says_so(docker_home: DockerHome, run_cli: RunCli) -> None:
+    failing = docker_home.bin_dir / "docker-credential-locked"
+    failing.write_text("#!/bin/sh\necho 'the keychain is locked' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    docker_home.write({"credsStore": "locked", "auths": {"reg.example": {}}})
+    out = await run_cli("logout", "reg.example")
+    assert out.returncode == 2, out.output
+    assert ("credential helper docker-credential-locked could not erase the credentials for reg.example: "
+            "the keychain is locked") in out.stderr
+    assert docker_home.read() == {"credsStore": "locked", "auths": {"reg.example": {}}}  # nothing half done
+
+
 async def test_login_with_a_credential_helper_that_cannot_run(
     token_registry: TokenRegistry, docker_home: DockerHome, run_cli: RunCli,
 ) -> None:

@@ -2,7 +2,7 @@
 
 from .auth import Challenge, parse_challenges
 from .client import MAX_MANIFEST, BlobStream, RegistryClient, RegistryPool, Upload, open_session
-from .credentials import Credentials, load_credentials, store_credentials
+from .credentials import Credentials, erase_credentials, load_credentials, store_credentials
 
 __all__ = [
     "MAX_MANIFEST",
@@ -12,6 +12,7 @@ __all__ = [
     "RegistryClient",
     "RegistryPool",
     "Upload",
+    "erase_credentials",
     "load_credentials",
     "open_session",
     "parse_challenges",

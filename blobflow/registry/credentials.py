@@ -17,8 +17,8 @@ from typing import Any
 from ..config import NO_HOME, home_dir
 from ..errors import AuthError, BadInputError, unreadable
 
-__all__ = ["CredentialLookup", "Credentials", "docker_config_path", "find_credentials", "load_credentials",
-           "redact_all", "store_credentials"]
+__all__ = ["CredentialLookup", "Credentials", "docker_config_path", "erase_credentials", "find_credentials",
+           "load_credentials", "redact_all", "store_credentials"]
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 _MIN_SECRET = 4  # shorter strings are not redacted: replacing "ab" everywhere would only garble text
@@ -230,19 +230,61 @@ def _write_private(path: Path, text: str) -> None:
         raise BadInputError(f"cannot write docker config {path}: {e.strerror or type(e).__name__}") from None
 
 
+def erase_credentials(registry: str, *, path: Path | None = None) -> list[str]:
+    """Forget ``registry``'s credentials where docker keeps them, as ``docker logout`` does: what
+    its credential helper holds (``erase``) and its entries in ``auths`` (the file replaced as
+    ``store_credentials`` does, other settings kept). Returns where they were removed from: empty
+    when there were none."""
+    path = path or docker_config_path()
+    if path is None:
+        return []
+    config = _read_config(path)
+    removed = []
+    helper = _helper_for(config, registry)
+    if helper and _erase_in_helper(helper, registry):
+        removed.append(f"credential helper docker-credential-{helper}")
+    auths = config.get("auths")
+    keys = [k for k in _config_keys(registry) if k in auths] if isinstance(auths, dict) else []
+    if isinstance(auths, dict) and keys:
+        for key in keys:
+            del auths[key]
+        _write_private(path, json.dumps(config, indent="\t") + "\n")
+        removed.append(str(path))
+    return removed
+
+
+def _run_helper(helper: str, action: str, payload: str, registry: str) -> subprocess.CompletedProcess[bytes]:
+    """``docker-credential-<helper> <action>`` with ``payload`` on its stdin, from a worker thread
+    (``store`` and ``erase``, for login and logout, outside the event loop's work)."""
+    prog = f"docker-credential-{helper}"
+    try:
+        return subprocess.run([prog, action], input=payload.encode(), capture_output=True,
+                              timeout=_HELPER_TIMEOUT, check=False)
+    except OSError as e:
+        raise _cannot_start(prog, registry, e) from None
+    except subprocess.TimeoutExpired:
+        raise AuthError(f"credential helper {prog} did not answer within {_HELPER_TIMEOUT:.0f} s") from None
+
+
+def _erase_in_helper(helper: str, registry: str) -> bool:
+    proc = _run_helper(helper, "erase", _server_url(registry), registry)
+    if proc.returncode == 0:
+        return True
+    said = (proc.stdout.strip() or proc.stderr.strip()).decode(errors="replace")
+    if _NOT_FOUND in said.lower():
+        return False
+    reason = said.splitlines()[0][:200] if said else f"exit {proc.returncode}"
+    raise AuthError(f"credential helper docker-credential-{helper} could not erase the credentials for "
+                    f"{registry}: {reason}")
+
+
 def _to_helper(helper: str, registry: str, credentials: Credentials) -> None:
     prog = f"docker-credential-{helper}"
     user, secret = credentials.username, credentials.password
     if credentials.identity_token:
         user, secret = "<token>", credentials.identity_token
     payload = json.dumps({"ServerURL": _server_url(registry), "Username": user, "Secret": secret})
-    try:
-        proc = subprocess.run([prog, "store"], input=payload.encode(), capture_output=True, timeout=30,
-                              check=False)
-    except OSError as e:
-        raise _cannot_start(prog, registry, e) from None
-    except subprocess.TimeoutExpired:
-        raise AuthError(f"credential helper {prog} did not answer within 30 s") from None
+    proc = _run_helper(helper, "store", payload, registry)
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()[:1]
         reason = redact_all(said[0][:200], (secret, credentials.basic)) if said else f"exit {proc.returncode}"
