@@ -128,11 +128,10 @@ class Client:
                    annotations: Mapping[str, str] | None = None, platform: str | None = None,
                    compress: str | None = None) -> Result:
         """``compress``: ``zstd[:LEVEL]`` or ``gzip[:LEVEL]``: tar layers not already so are
-        compressed while they stream (verified against the config's diff_ids)."""
+        compressed while they stream (verified against the config's diff_ids). ``image`` with a
+        digest (``REPO@sha256:...``) is written as that digest or not at all, as ``copy`` does."""
         codec = Codec.parse(compress) if compress else None
         ref = Reference.parse(image)
-        if ref.digest is not None:
-            raise BadInputError(f"{image}: push to a tag, not a digest")
         check_annotations(ref, annotations)
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
@@ -147,7 +146,7 @@ class Client:
                                                "push")
             if img is None:
                 img = await transfer_image(ctx, src, tag, dst, ref.tag, platform=plat, annotations=annotations,
-                                           convert=codec)
+                                           convert=codec, expect=ref.digest)
         return self._result("push", ctx, started, [img])
 
     async def copy(self, source: str, destination: str, *, platform: str | None = None,

@@ -247,7 +247,7 @@ async def test_copy_between_registries(registry: LocalRegistry, registry2: Local
     assert manifest_digest_at(registry2, repo_name, "copied") == str(desc.digest)
 
 
-async def test_copy_to_a_digest_writes_that_digest_or_nothing(registry: LocalRegistry, registry2: LocalRegistry,
+async def test_copy_or_push_to_a_digest_writes_that_digest_or_nothing(registry: LocalRegistry, registry2: LocalRegistry,
                                                                cli: Cli, repo_name: str, tmp_path: Path) -> None:
     """`copy SRC DST@sha256:...` ignored the digest: it wrote whatever SRC was under SRC's tag.
     Now the image must come out as that digest, as skopeo checks; without a tag it is written by
@@ -272,6 +272,14 @@ async def test_copy_to_a_digest_writes_that_digest_or_nothing(registry: LocalReg
     tagged = await cli("copy", source, f"{registry2.host}/{repo_name}:v2@{desc.digest}")
     assert tagged.returncode == 0, tagged.output
     assert manifest_digest_at(registry2, repo_name, "v2") == str(desc.digest)
+
+    # push the same way (it refused any digest: "push to a tag, not a digest")
+    line = assert_one_line_error(await cli("push", str(src), f"{registry2.host}/pushed@{wrong}"), 2)
+    assert f"the image to write there is {desc.digest}, not the {wrong}" in line, line
+    pushed = await cli("push", str(src), f"{registry2.host}/pushed@{desc.digest}")
+    assert pushed.returncode == 0, pushed.output
+    assert manifest_digest_at(registry2, "pushed", str(desc.digest)) == str(desc.digest)
+    assert registry_head(registry2, "pushed/manifests/latest")[0] == 404
 
 
 # -- multi-platform indexes --------------------------------------------------------------------
