@@ -226,6 +226,6 @@ async def test_store_credentials_round_trips_as_docker_names_registries(tmp_path
 def test_store_credentials_refuses_a_config_it_cannot_read(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text("{not json")
-    with pytest.raises(BadInputError, match="cannot read docker config"):
+    with pytest.raises(BadInputError, match=r"config.json is not valid JSON \(Expecting property name"):
         store_credentials("ghcr.io", Credentials("u", "secret-3"), path=path)
     assert path.read_text() == "{not json"
