@@ -91,6 +91,14 @@ def layer_compression(media_type: str) -> str | None:
     return "none" if media_type.endswith(".tar") else None
 
 
+def foreign(desc: Descriptor) -> bool:
+    """A layer whose bytes live at its ``urls`` (Docker's foreign layers, OCI's non-distributable
+    ones: old Windows base layers, licensed content): a registry need not hold it, and docker,
+    skopeo and crane leave it where it is rather than copy it."""
+    return bool((desc.extra or {}).get("urls")) and ("foreign" in desc.media_type
+                                                     or "nondistributable" in desc.media_type)
+
+
 def convertible(desc: Descriptor) -> bool:
     """A layer we may recompress: a distributable tar layer, not one fetched from other URLs."""
     return compression_of(desc.media_type) is not None and not (desc.extra or {}).get("urls")

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import MEDIA_DOCKER_CONFIG, MEDIA_OCI_CONFIG, Codec
+from .codec import MEDIA_DOCKER_CONFIG, MEDIA_OCI_CONFIG, Codec, foreign
 from .config import EngineConfig
 from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError, RegistryError
 from .progress import Event
@@ -211,10 +211,19 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
     if convert is None:
         root = _stamped(root, source_digest, None, wanted, expect, where)
     blobs: dict[Digest, Descriptor] = {}
+    # foreign layers stay at their URLs: asked of the source registry, which need not hold them, they were a 404
+    left: set[Digest] = set()
     for m in manifests:
         if not m.is_index:
             for d in m.blobs():
-                blobs.setdefault(d.digest, d)
+                if foreign(d):
+                    left.add(d.digest)
+                else:
+                    blobs.setdefault(d.digest, d)
+    if left:
+        ctx.emit(Event("info", target=where, n=len(left), detail=(
+            f"{src_ref or src!s}: {len(left)} foreign layer(s) left at their URLs, not copied (as docker, "
+            "skopeo and crane do)")))
     conversion: Conversion = {}
     if convert is not None and not dry_run:
         if not isinstance(dst, RegistryEnd):

@@ -64,7 +64,8 @@ class LocalRegistry:
     Plain HTTP without auth by default; ``htpasswd`` adds basic auth, ``token_auth`` bearer tokens
     from a token service (the two are exclusive), ``tls`` serves HTTPS, ``read_only`` refuses
     every write (Distribution's maintenance mode), ``pull_through`` makes it a pull-through cache
-    of the registry at that URL.
+    of the registry at that URL, ``foreign_urls`` (a regex) lets manifests name foreign layers at
+    URLs that match it (Distribution refuses any such URL by default).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class LocalRegistry:
         token_auth: TokenAuth | None = None,
         read_only: bool = False,
         pull_through: str | None = None,
+        foreign_urls: str | None = None,
     ) -> None:
         if htpasswd is not None and token_auth is not None:
             raise ValueError("a registry has one auth method: htpasswd or token_auth, not both")
@@ -88,6 +90,7 @@ class LocalRegistry:
         self.token_auth = token_auth
         self.read_only = read_only
         self.pull_through = pull_through
+        self.foreign_urls = foreign_urls
         self.binary = binary
         self.log_level = log_level
         self.storage = self.root / "storage"
@@ -214,6 +217,8 @@ class LocalRegistry:
             config["storage"]["maintenance"]["readonly"] = {"enabled": True}
         if self.pull_through:
             config["proxy"] = {"remoteurl": self.pull_through}
+        if self.foreign_urls:
+            config["validation"] = {"manifests": {"urls": {"allow": [self.foreign_urls]}}}
         if self.htpasswd is not None:
             config["auth"] = {"htpasswd": {"realm": "blobflow-test", "path": str(self.htpasswd.resolve())}}
         if self.token_auth is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import gzip
 import hashlib
 import json
 import math
@@ -44,6 +45,10 @@ PLATFORMS = ["linux/amd64", "linux/arm64"]
 
 
 # -- reading the source layout and the registry without blobflow --------------------------------
+
+def gzip_bytes(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
 
 def blob_path(layout: Path, digest: str) -> Path:
     return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
@@ -280,6 +285,51 @@ async def test_copy_or_push_to_a_digest_writes_that_digest_or_nothing(registry: 
     assert pushed.returncode == 0, pushed.output
     assert manifest_digest_at(registry2, "pushed", str(desc.digest)) == str(desc.digest)
     assert registry_head(registry2, "pushed/manifests/latest")[0] == 404
+
+
+async def test_foreign_layers_stay_at_their_urls(proxy: MakeProxy, cli: Cli, tmp_path: Path) -> None:
+    """An image with a foreign layer (old Windows base images): its bytes live at its URLs and the
+    registry does not hold them. pull and copy asked the registry for it, got 404 and failed;
+    docker, skopeo and crane leave such a layer where it is, and so does blobflow now."""
+    allow = r"^http://127\.0\.0\.1:9/"  # Distribution takes no foreign URL by default
+    with LocalRegistry(tmp_path / "r1", foreign_urls=allow) as registry, \
+            LocalRegistry(tmp_path / "r2", foreign_urls=allow) as registry2:
+        await _foreign_layers(registry, registry2, proxy, cli, tmp_path)
+
+
+async def _foreign_layers(registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, cli: Cli,
+                          tmp_path: Path) -> None:
+    client = blobflow.Client()
+    (tmp_path / "config").write_bytes(b'{"architecture": "amd64", "os": "windows", "rootfs": {"type": "layers"}}')
+    (tmp_path / "layer").write_bytes(gzip_bytes(os.urandom(30_000)))
+    _, config = await client.blob_put(tmp_path / "config", f"{registry.host}/win/app")
+    _, layer = await client.blob_put(tmp_path / "layer", f"{registry.host}/win/app")
+    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+               "digest": "sha256:" + "f0" * 32, "size": 123_456_789,
+               "urls": ["http://127.0.0.1:9/never-fetched/layer.tar.gz"]}  # nothing listens there
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": str(config.digest),
+                   "size": config.size},
+        "layers": [foreign, {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                             "digest": str(layer.digest), "size": layer.size}]}, indent=3).encode()
+    put_manifest(registry, "win/app", "ltsc", manifest, "application/vnd.docker.distribution.manifest.v2+json")
+    counted = await proxy(registry)
+    src = f"{counted.host}/win/app:ltsc"
+
+    pulled, copied = await asyncio.gather(cli("pull", src, str(tmp_path / "out")),
+                                          cli("copy", src, f"{registry2.host}/win/app:ltsc", "-v"))
+    for result in (pulled, copied):
+        assert result.returncode == 0, result.output
+    assert "1 foreign layer(s) left at their URLs, not copied" in copied.stderr
+    assert not [path for _, path, _ in counted.log if foreign["digest"] in path]  # never asked for
+    assert blob_path(tmp_path / "out", str(Digest.of(manifest))).read_bytes() == manifest
+    assert not blob_path(tmp_path / "out", foreign["digest"]).exists()
+    assert blob_path(tmp_path / "out", str(layer.digest)).exists()
+    assert manifest_digest_at(registry2, "win/app", "ltsc") == str(Digest.of(manifest))
+    pushed = await cli("push", str(tmp_path / "out"), f"{registry2.host}/win/pushed:ltsc")  # the layout lacks it
+    assert pushed.returncode == 0, pushed.output
+    assert manifest_digest_at(registry2, "win/pushed", "ltsc") == str(Digest.of(manifest))
 
 
 # -- multi-platform indexes --------------------------------------------------------------------
