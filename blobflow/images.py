@@ -18,7 +18,15 @@ from typing import Any
 
 from .codec import MEDIA_DOCKER_CONFIG, MEDIA_OCI_CONFIG, Codec, foreign
 from .config import EngineConfig
-from .errors import BadInputError, BlobflowError, LimitExceededError, ManifestError, NotFoundError, RegistryError
+from .errors import (
+    AuthError,
+    BadInputError,
+    BlobflowError,
+    LimitExceededError,
+    ManifestError,
+    NotFoundError,
+    RegistryError,
+)
 from .progress import Event
 from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob, retrying
 from .transfer.convert import Conversion, convert_layer, fetch_config, plan_conversion, rewrite_manifests
@@ -266,9 +274,17 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
             f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
             f"{len(kept)} copied as they are")))
         root = _stamped(root, source_digest, convert, wanted, expect, where)
-    for m in below:
-        await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
-    await retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
+    try:
+        for m in below:
+            await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))
+        await retrying(ctx, str(dst), lambda: dst.store_manifest(root, tag))
+    except RegistryError as e:
+        if not left or isinstance(e, AuthError):
+            raise
+        # Distribution answers "500 UNKNOWN: unknown error" (its log says "invalid URL on layer")
+        raise RegistryError(f"{e}; the manifest names {len(left)} foreign layer(s) at URLs, which a registry may "
+                            "refuse (Distribution does unless its validation.manifests.urls.allow matches them)",
+                            status=e.status, code=e.code) from None
     if isinstance(dst, LayoutEnd):
         dst.set_tag(tag, root)
     ctx.emit(Event("manifest", root.digest.short, size=len(root.data), target=where if tag else f"{dst}@{root.digest}"))

@@ -293,12 +293,13 @@ async def test_foreign_layers_stay_at_their_urls(proxy: MakeProxy, cli: Cli, tmp
     docker, skopeo and crane leave such a layer where it is, and so does blobflow now."""
     allow = r"^http://127\.0\.0\.1:9/"  # Distribution takes no foreign URL by default
     with LocalRegistry(tmp_path / "r1", foreign_urls=allow) as registry, \
-            LocalRegistry(tmp_path / "r2", foreign_urls=allow) as registry2:
-        await _foreign_layers(registry, registry2, proxy, cli, tmp_path)
+            LocalRegistry(tmp_path / "r2", foreign_urls=allow) as registry2, \
+            LocalRegistry(tmp_path / "r3") as refusing:
+        await _foreign_layers(registry, registry2, refusing, proxy, cli, tmp_path)
 
 
-async def _foreign_layers(registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, cli: Cli,
-                          tmp_path: Path) -> None:
+async def _foreign_layers(registry: LocalRegistry, registry2: LocalRegistry, refusing: LocalRegistry,
+                          proxy: MakeProxy, cli: Cli, tmp_path: Path) -> None:
     client = blobflow.Client()
     (tmp_path / "config").write_bytes(b'{"architecture": "amd64", "os": "windows", "rootfs": {"type": "layers"}}')
     (tmp_path / "layer").write_bytes(gzip_bytes(os.urandom(30_000)))
@@ -330,6 +331,12 @@ async def _foreign_layers(registry: LocalRegistry, registry2: LocalRegistry, pro
     pushed = await cli("push", str(tmp_path / "out"), f"{registry2.host}/win/pushed:ltsc")  # the layout lacks it
     assert pushed.returncode == 0, pushed.output
     assert manifest_digest_at(registry2, "win/pushed", "ltsc") == str(Digest.of(manifest))
+
+    # a registry that takes no foreign URLs: Distribution's "500 UNKNOWN: unknown error", explained
+    line = assert_one_line_error(await cli("copy", src, f"{refusing.host}/win/app:ltsc", "--retries", "0"), 1)
+    assert line.endswith("500 UNKNOWN: unknown error; the manifest names 1 foreign layer(s) at URLs, which a "
+                         "registry may refuse (Distribution does unless its validation.manifests.urls.allow "
+                         "matches them)"), line
 
 
 # -- multi-platform indexes --------------------------------------------------------------------
