@@ -494,6 +494,7 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
     images = [dataclasses.asdict(i) for i in result.images]
     report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds,
                               "requests_per_host": result.requests, "throttled_per_host": result.throttled,
+                              "quota_per_host": {h: q.to_json() for h, q in result.quota.items()},
                               "images": images}
     failed = result.failed
     if args.json:
@@ -516,7 +517,8 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
         print(f"mirror shard {result.shard}: {len(result.images)} images, "
               f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "
               f"{verb} {moved / 1e6:.1f} MB in {result.seconds:.2f} s; requests: "
-              + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items())))
+              + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items()))
+              + "".join(f"; pull quota left at {h}: {q}" for h, q in sorted(result.quota.items())))
     if args.report:  # after the summary: a disk that fills now still leaves the user the figures
         atomic_write(Path(args.report), (json.dumps(report, indent=2) + "\n").encode())
     if failed:

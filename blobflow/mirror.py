@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .codec import Codec
 from .config import positive_finite
@@ -37,6 +37,9 @@ from .errors import BadInputError, BlobflowError
 from .images import ImageOutcome, holds_image, transfer_image
 from .transfer import Context, RegistryEnd, retrying
 from .types import Reference
+
+if TYPE_CHECKING:
+    from .registry.client import Quota
 
 __all__ = ["MirrorEntry", "MirrorItem", "MirrorPlan", "load_plan", "run_mirror", "select_tags", "shard_of"]
 
@@ -92,6 +95,7 @@ class MirrorResult:
     images: list[ImageReport] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)
     throttled: dict[str, int] = field(default_factory=dict)  # 429/503 answers per host
+    quota: dict[str, Quota] = field(default_factory=dict)  # pull quota left, where a host says
     seconds: float = 0.0
     shard: str = "0/1"
 
@@ -328,5 +332,6 @@ async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[i
         result.images += reports
     result.requests = {name: c.requests for name, c in ctx.pool.clients.items()}
     result.throttled = {name: c.gate.throttles for name, c in ctx.pool.clients.items()}
+    result.quota = {name: c.quota for name, c in ctx.pool.clients.items() if c.quota is not None}
     result.seconds = round(time.monotonic() - started, 3)
     return result

@@ -57,6 +57,7 @@ class Faults:
     cut_request: float = 0.0  # PATCH/PUT body: forward a random fraction, then drop both connections
     status: dict[int, float] = field(default_factory=dict)  # answer this status instead of forwarding
     retry_after: str | None = "0"  # Retry-After sent with injected 429/503
+    headers: dict[str, str] = field(default_factory=dict)  # added to every answer (Docker Hub's RateLimit-*)
     ignore_range: bool = False  # blob GET: strip Range so the registry answers 200 with everything
     latency: float = 0.0  # seconds of sleep before forwarding
     # seconds more before the first request of each new client connection: the round trip of a TCP
@@ -386,6 +387,8 @@ class FaultProxy:
                 flip_at = self._rng.randrange(length)
             if self._roll(self.faults.cut_response):
                 cut_at = int(self._rng.random() * length) if length else self._rng.randrange(CHUNK)
+        if faulty:
+            response.headers.update(self.faults.headers)
         await response.prepare(request)
         sent, broken = 0, False
         try:
@@ -492,7 +495,7 @@ class FaultProxy:
         return headers
 
     def _fault_response(self, status: int) -> web.Response:
-        headers = {}
+        headers = dict(self.faults.headers)
         if status in (429, 503) and self.faults.retry_after is not None:
             headers[hdrs.RETRY_AFTER] = self.faults.retry_after
         code = "UNAVAILABLE" if status == 503 else ERROR_CODES.get(status, "UNKNOWN")

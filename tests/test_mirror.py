@@ -445,3 +445,32 @@ async def test_the_report_is_written_after_the_summary_and_whole(
     assert f"{REPOS * TAGS} images" in out
     assert len(json.loads(report.read_text())["images"]) == REPOS * TAGS
     assert not list(tmp_path.glob(".report.json*"))  # noqa: ASYNC240 - no temporary file left
+
+
+async def test_mirror_reports_the_pull_quota_a_registry_tells_and_stops_when_it_is_spent(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path,
+) -> None:
+    """Docker Hub counts pulls and says what is left (RateLimit-Remaining: 76;w=21600). A mirror
+    run says it, so a nightly job sees the quota it burns; a 429 that says nothing is left is not
+    retried (it refills over hours: five retries only spend minutes), and names the quota."""
+    build_image(tmp_path / "img", "v1", [20_000], seed=91)
+    await blobflow.Client(blobflow.EngineConfig(plain_http=True)).push(tmp_path / "img", f"{registry.host}/lib/q:v1")
+    hub = {"RateLimit-Limit": "100;w=21600", "RateLimit-Remaining": "76;w=21600"}
+    p = await proxy(registry, Faults(headers=hub))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[mirror]]\nsource = "{p.host}/lib/q"\n'
+                    f'destination = "{registry2.host}/mirror/q"\ntags = ["v1"]\n')
+
+    code, out, err = await _mirror(plan, "--report", str(tmp_path / "report.json"))
+    assert code == 0, err
+    assert out.splitlines()[-1].endswith(f"; pull quota left at {p.host}: 76 of 100 per 6 h"), out
+    assert json.loads((tmp_path / "report.json").read_text())["quota_per_host"] == {
+        p.host: {"remaining": 76, "limit": 100, "window_seconds": 21600}}
+
+    spent = await proxy(registry, Faults(status={429: 1.0}, retry_after=None,
+                                         headers={**hub, "RateLimit-Remaining": "0;w=21600"}))
+    plan.write_text(plan.read_text().replace(p.host, spent.host).replace("mirror/q", "mirror/q2"))
+    code, out, err = await _mirror(plan, "--retries", "5")
+    assert code == 1, out + err
+    assert f"the pull quota of {spent.host} is spent (0 of 100 per 6 h)" in out, out
+    assert spent.counters["status:429"] == 1  # asked once, not five times more

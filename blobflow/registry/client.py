@@ -34,7 +34,7 @@ from .auth import Authenticator
 from .credentials import CredentialLookup, Credentials, find_credentials
 from .gate import HostGate
 
-__all__ = ["MAX_MANIFEST", "BlobStream", "RegistryClient", "RegistryPool", "Upload", "open_session"]
+__all__ = ["MAX_MANIFEST", "BlobStream", "Quota", "RegistryClient", "RegistryPool", "Upload", "open_session"]
 
 MAX_MANIFEST = 4 * 1024 * 1024
 _MAX_TAG_LIST = 64 * 1024 * 1024  # one page of a repository with very many tags
@@ -111,6 +111,41 @@ class BlobStream:
         self._resp.release() if exc[0] is None else self._resp.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """What a registry says is left of its pull quota (Docker Hub's ``RateLimit-Remaining`` and
+    ``RateLimit-Limit``, e.g. ``76;w=21600``: 76 of 100 pulls left in a window of 6 hours)."""
+
+    remaining: int
+    limit: int
+    window: int  # seconds; 0 when not given
+
+    @classmethod
+    def of(cls, headers: Any) -> Quota | None:
+        remaining, limit = headers.get("RateLimit-Remaining"), headers.get("RateLimit-Limit")
+        if not remaining or not limit:
+            return None
+        try:
+            left, _, rest = remaining.partition(";")
+            most = limit.partition(";")[0]
+            window = next((int(p.strip()[2:]) for p in rest.split(";") if p.strip().startswith("w=")), 0)
+            return cls(int(left), int(most), window)
+        except ValueError:
+            return None
+
+    @property
+    def per(self) -> str:
+        if not self.window:
+            return ""
+        return f" per {self.window / 3600:g} h" if self.window >= 3600 else f" per {self.window} s"
+
+    def __str__(self) -> str:
+        return f"{self.remaining} of {self.limit}{self.per}"
+
+    def to_json(self) -> dict[str, int]:
+        return {"remaining": self.remaining, "limit": self.limit, "window_seconds": self.window}
+
+
 class RegistryClient:
     """Endpoints of one registry, with its auth state."""
 
@@ -127,6 +162,7 @@ class RegistryClient:
         self._base: str | None = None
         self._base_lock = asyncio.Lock()
         self.requests = 0
+        self.quota: Quota | None = None  # the latest a response of its own host told
 
     def __repr__(self) -> str:
         return f"<RegistryClient {self.registry} via {self.endpoint}>"
@@ -166,8 +202,17 @@ class RegistryClient:
             return f"http://{self.endpoint}"
 
     async def _fail(self, resp: aiohttp.ClientResponse, what: str) -> None:
-        """Raise the registry's error, with any secret it might echo redacted."""
-        await raise_for(resp, what, redact=self.auth.redact)
+        """Raise the registry's error, with any secret it might echo redacted. A 429 that says the
+        pull quota is spent (Docker Hub's) is not retried: it refills over hours, not seconds."""
+        try:
+            await raise_for(resp, what, redact=self.auth.redact)
+        except RegistryError as e:
+            quota = Quota.of(resp.headers)
+            if e.status == 429 and quota is not None and quota.remaining <= 0:
+                e.retryable = False
+                e.args = (f"{e}; the pull quota of {self.registry} is spent ({quota}): wait for it to refill, "
+                          "or log in for a larger one",)
+            raise
 
     async def _send(self, method: str, url: str, *, scope: str, what: str,
                     headers: dict[str, str] | None = None, data: Any = None,
@@ -192,6 +237,7 @@ class RegistryClient:
                 resp = await self.session.request(method, url, headers=hdrs, data=body,
                                                   allow_redirects=allow_redirects, proxy=proxy_for(url))
             if own_host:
+                self.quota = Quota.of(resp.headers) or self.quota
                 if resp.status in (429, 503):
                     self.gate.throttled(retry_after(resp.headers.get("Retry-After")))
                 else:
