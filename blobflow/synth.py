@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .layout import Layout
-from .types import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor, Digest
+from .types import ATTESTATION, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor, Digest
 
 __all__ = ["MEDIA_LAYER_GZIP", "build_image", "random_blob"]
 
@@ -133,7 +133,7 @@ def _attestation(layout: Layout, subject: Descriptor) -> Descriptor:
     data = json.dumps(manifest, indent=2).encode()
     return Descriptor(MEDIA_OCI_MANIFEST, layout.write_blob(data), len(data),
                       annotations={"vnd.docker.reference.digest": str(subject.digest),
-                                   "vnd.docker.reference.type": "attestation-manifest"},
+                                   "vnd.docker.reference.type": ATTESTATION},
                       platform={"os": "unknown", "architecture": "unknown"})
 
 

@@ -137,6 +137,13 @@ def _cannot_start(prog: str, registry: str, e: OSError) -> AuthError:
                      f"{e.strerror or type(e).__name__}")
 
 
+def _helper_said(out: bytes, err: bytes) -> tuple[bool, str]:
+    """What a helper that exited non-zero said: whether it is "credentials not found" (what every
+    helper built on docker-credential-helpers says when it holds none), and its first line."""
+    said = (out.strip() or err.strip()).decode(errors="replace")
+    return _NOT_FOUND in said.lower(), said.splitlines()[0][:200] if said else ""
+
+
 async def _from_helper(helper: str, registry: str) -> Credentials:
     prog = f"docker-credential-{helper}"
     # the server's name waits in a pipe before the helper starts (a host name: far below the pipe's
@@ -163,13 +170,13 @@ async def _from_helper(helper: str, registry: str) -> Credentials:
             proc.kill()
             await proc.wait()
     if proc.returncode != 0:
-        said = (out.strip() or err.strip()).decode(errors="replace")
-        if _NOT_FOUND in said.lower():  # what every helper built on docker-credential-helpers says
+        not_found, said = _helper_said(out, err)
+        if not_found:
             return Credentials()
         # anything else is a failure (expired cloud login, locked keychain), as docker and crane
         # take it: going on anonymously would end in a 401 that never names the helper
-        reason = said.splitlines()[0][:200] if said else "no output"
-        raise AuthError(f"credential helper {prog} failed for {registry} (exit {proc.returncode}): {reason}")
+        raise AuthError(f"credential helper {prog} failed for {registry} (exit {proc.returncode}): "
+                        f"{said or 'no output'}")
     try:
         data = json.loads(out)
         user, secret = str(data.get("Username", "")), str(data.get("Secret", ""))
@@ -270,12 +277,11 @@ def _erase_in_helper(helper: str, registry: str) -> bool:
     proc = _run_helper(helper, "erase", _server_url(registry), registry)
     if proc.returncode == 0:
         return True
-    said = (proc.stdout.strip() or proc.stderr.strip()).decode(errors="replace")
-    if _NOT_FOUND in said.lower():
+    not_found, said = _helper_said(proc.stdout, proc.stderr)
+    if not_found:
         return False
-    reason = said.splitlines()[0][:200] if said else f"exit {proc.returncode}"
     raise AuthError(f"credential helper docker-credential-{helper} could not erase the credentials for "
-                    f"{registry}: {reason}")
+                    f"{registry}: {said or f'exit {proc.returncode}'}")
 
 
 def _to_helper(helper: str, registry: str, credentials: Credentials) -> None:
