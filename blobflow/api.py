@@ -11,7 +11,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -117,10 +116,11 @@ class Client:
                 dst = LayoutEnd(Layout.create(directory))
                 img = await transfer_image(job, src, ref, dst, ref.tag, platform=plat)
         except BaseException:
-            # a layout this pull created is removed, unless blob bytes already landed in it: the
-            # journal resumes from those when the same command runs again (after Ctrl-C too)
-            if created and (job is None or job.stats.bytes == 0):
-                shutil.rmtree(directory, ignore_errors=True)
+            # a layout this pull created is removed while it holds nothing: once blob bytes land,
+            # the journal resumes from them when the same command runs again (after Ctrl-C too),
+            # and another pull into the same new directory may have filled it meanwhile
+            if created:
+                Layout(Path(directory)).discard_if_empty()
             raise
         return self._result("pull", job, started, [img])
 

@@ -283,6 +283,26 @@ class Layout:
         return data
 
     # -- writing ---------------------------------------------------------------------------
+    def discard_if_empty(self) -> bool:
+        """Remove this layout if it holds no image and no blob, not even a partial one: what a pull
+        that created it leaves when it fails before any byte lands. Only its own two files and
+        empty directories are removed, under its lock, so a layout another process has put
+        anything into (a tag, a blob, a file of its own) stays."""
+        blobs = self.root / "blobs"
+        try:
+            with _locked(self.root):
+                if (self.index().get("manifests") or [p.name for p in blobs.iterdir()] != ["sha256"]
+                        or {p.name for p in self.root.iterdir()} != {"blobs", "index.json", "oci-layout"}):
+                    return False
+                (blobs / "sha256").rmdir()  # fails when a blob, or a part of one, is there
+                blobs.rmdir()
+                for name in ("oci-layout", "index.json"):
+                    (self.root / name).unlink()
+                self.root.rmdir()
+        except (OSError, LayoutError):
+            return False
+        return True
+
     def blob_writer(self, desc: Descriptor) -> BlobWriter:
         path = self.blob_path(desc.digest)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -207,6 +207,33 @@ async def test_parallel_pulls_into_one_new_layout(registry: LocalRegistry, cli: 
     assert contents.files == contents.reachable
 
 
+async def test_a_failed_pull_leaves_what_another_pull_wrote_into_the_same_new_directory(
+        registry: LocalRegistry, fake_registry: MakeFakeRegistry, check_layout: CheckLayout, repo_name: str,
+        tmp_path: Path) -> None:
+    """Two pulls into one new directory, and the one that created it fails after the other has
+    tagged its image there. A failed pull removes the layout it created, but only while it holds
+    nothing: it removed the directory with the other pull's image in it."""
+    src, dst = tmp_path / "src", tmp_path / "layout"
+    pushed = build_image(src, "v1", [32 * KiB], seed=61)
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
+    answer = asyncio.Event()
+
+    async def missing_late(request: web.Request) -> web.StreamResponse:
+        await answer.wait()
+        return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+                                 status=404)
+
+    failing = asyncio.ensure_future(blobflow.Client().pull(f"{await fake_registry(missing_late)}/app:v1", dst))
+    while not (dst / "oci-layout").exists():
+        await asyncio.sleep(0.01)
+    await blobflow.Client().pull(f"{registry.host}/{repo_name}:v1", dst)
+    answer.set()
+    with pytest.raises(blobflow.NotFoundError):
+        await failing
+
+    assert check_layout(dst).tags == {"v1": str(pushed.digest)}
+
+
 async def test_push_chooses_the_image_by_tag(registry: LocalRegistry, repo_name: str, tmp_path: Path) -> None:
     """A layout holding two images pushes the one named by ``tag``, and refuses to guess."""
     layout = tmp_path / "layout"

@@ -86,3 +86,26 @@ def test_a_layout_file_that_is_not_json_says_where_it_breaks(tmp_path: Path) -> 
     (root / "oci-layout").write_bytes(b'{"imageLayoutVersion": "1.0.0\xff"}')
     with pytest.raises(LayoutError, match=re.escape(f"{root / 'oci-layout'} is not UTF-8 text")):
         Layout.open(root)
+
+
+def test_a_failed_pull_discards_only_a_layout_that_holds_nothing(tmp_path: Path) -> None:
+    """What a failed pull removes: the layout it created, while no image, no blob and no part of
+    one is in it. A layout another pull put anything into meanwhile stays whole (it was removed
+    with everything in it)."""
+    def layout(name: str) -> Layout:
+        return Layout.create(tmp_path / name)
+
+    empty = layout("empty")
+    assert empty.discard_if_empty() and not empty.root.exists()
+
+    tagged = layout("tagged")
+    digest = tagged.write_blob(b"{}")
+    tagged.set_tag("v1", Descriptor(MEDIA_OCI_MANIFEST, digest, 2))
+    partial = layout("partial")
+    partial.blob_writer(Descriptor(MEDIA_OCI_MANIFEST, digest, 2)).write_at(0, b"{")
+    own_file = layout("own-file")
+    (own_file.root / "notes.txt").write_text("mine")
+    for kept in (tagged, partial, own_file):
+        assert not kept.discard_if_empty(), kept.root.name
+        assert (kept.root / "blobs" / "sha256").is_dir() and (kept.root / "oci-layout").exists(), kept.root.name
+    assert Layout.open(tagged.root).resolve("v1").digest == digest
