@@ -113,6 +113,7 @@ class UploadRecord:
     owned: bool = True
     journal: Journal | None = field(default=None, repr=False)
     _lock: int = -1
+    _lock_path: Path | None = None
 
     def save(self) -> bool:
         """Write the record (when this upload owns it); False when it was not written."""
@@ -126,6 +127,8 @@ class UploadRecord:
 
     def release(self) -> None:
         if self._lock >= 0:
+            if self._lock_path is not None:  # deleted while still held: see _lock_file
+                self._lock_path.unlink(missing_ok=True)
             os.close(self._lock)
             self._lock = -1
 
@@ -274,18 +277,15 @@ class Journal:
         fresh = UploadRecord(file, str(digest), size, journal=self)
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            lock = os.open(file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            lock = _lock_file(file.with_suffix(".lock"))
         except OSError as e:
             self.failed(e)
             fresh.owned = False  # reads and writes nothing: the upload goes on without a record
             return fresh
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
+        if lock is None:
             fresh.owned = False  # another upload of this blob holds the record
             return fresh
-        fresh._lock = lock
+        fresh._lock, fresh._lock_path = lock, file.with_suffix(".lock")
         data, warning = _read(file)
         if data is None:
             fresh.warning = warning
@@ -303,6 +303,35 @@ class Journal:
             return fresh
         fresh.location, fresh.offset, fresh.opened_at = location, offset, opened_at
         return fresh
+
+
+def _lock_file(path: Path) -> int | None:
+    """An exclusive lock on ``path`` (created when missing), or None while another holds it. Its
+    holder deletes the file when done (one per upload otherwise piles up in the state dir, ten
+    thousand after a few mirror runs), so a lock got on a file that is no longer at ``path`` is
+    taken again on the file there now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _is_at(fd, path):
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _read(file: Path) -> tuple[dict[str, Any] | None, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import blobflow
+from blobflow import journal as journal_module
 from blobflow.deadline import UploadTicket
-from blobflow.journal import Journal, range_checksum
+from blobflow.journal import Journal, _lock_file, range_checksum
 from blobflow.localreg import LocalRegistry
 from blobflow.registry.credentials import Credentials, load_credentials, store_credentials
 from blobflow.synth import build_image
@@ -50,7 +52,8 @@ def test_a_record_of_an_upload_with_nothing_to_resume_touches_no_file(tmp_path: 
 
 
 async def test_only_uploads_that_can_resume_keep_a_record(tmp_path: Path, registry: LocalRegistry) -> None:
-    """A blob that goes in one PUT writes nothing to the state dir; a streamed one keeps its lock file."""
+    """A blob that goes in one PUT writes nothing to the state dir; a streamed one leaves nothing
+    once it is done (each left a lock file: thousands after a few mirror runs)."""
     state = tmp_path / "state"
     client = blobflow.Client(blobflow.EngineConfig(plain_http=True, state_dir=str(state)))
     small, large = tmp_path / "small", tmp_path / "large"
@@ -59,7 +62,7 @@ async def test_only_uploads_that_can_resume_keep_a_record(tmp_path: Path, regist
     await client.blob_put(small, f"{registry.host}/journal/small")
     assert not (state / "uploads").exists()
     await client.blob_put(large, f"{registry.host}/journal/large")
-    assert [p.suffix for p in (state / "uploads").iterdir()] == [".lock"]
+    assert list((state / "uploads").iterdir()) == []
 
 
 def test_a_record_in_use_is_not_shared(tmp_path: Path) -> None:
@@ -72,6 +75,42 @@ def test_a_record_in_use_is_not_shared(tmp_path: Path) -> None:
     second.save()  # an upload that does not own the record must not overwrite it
     first.release()
     assert journal.upload("r.example", "a/b", D1, 10).location == "https://r.example/up/1"
+
+
+def test_a_released_record_leaves_no_lock_file_and_the_next_upload_owns_it(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    first = journal.upload("r.example", "a/b", D1, 10)
+    first.location = "https://r.example/up/1"
+    first.save()
+    assert not journal.upload("r.example", "a/b", D1, 10).owned
+    first.release()
+    assert [p.suffix for p in (tmp_path / "uploads").iterdir()] == [".json"]  # the record, for a resume
+    second = journal.upload("r.example", "a/b", D1, 10)
+    assert second.owned and second.location == "https://r.example/up/1"
+    assert not journal.upload("r.example", "a/b", D1, 10).owned
+
+
+def test_a_lock_got_on_a_file_its_holder_just_deleted_is_taken_on_the_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder deletes the lock file when it is done. One who opened it just before, and
+    locks it just after, holds a lock on a file no longer there, which nobody else sees: two
+    uploads would share a session. It must lock the file at the path instead."""
+    path = tmp_path / "r.lock"
+    real_flock, locked = fcntl.flock, []
+
+    def holder_finishes_first(fd: int, operation: int) -> None:
+        if not locked:
+            path.unlink()
+        locked.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(journal_module.fcntl, "flock", holder_finishes_first)
+    fd = _lock_file(path)
+    assert fd is not None and len(locked) == 2
+    assert os.fstat(fd).st_ino == os.stat(path).st_ino
+    monkeypatch.undo()
+    assert _lock_file(path) is None
+    os.close(fd)
 
 
 def test_corrupt_or_mismatched_records_are_discarded_with_a_warning(tmp_path: Path) -> None:
