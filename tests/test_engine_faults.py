@@ -209,3 +209,17 @@ async def test_push_survives_unavailable_commit(
         async with session.get(f"{registry.url}/v2/{repo_name}/blobs/{layer.digest}") as resp:
             assert resp.status == 200
             assert "sha256:" + hashlib.sha256(await resp.read()).hexdigest() == str(layer.digest)
+
+
+async def test_a_source_blob_that_always_fails_is_asked_retries_plus_one_times(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, pushed: tuple[str, Descriptor]
+) -> None:
+    """A copy retries its source inside the destination's attempt (the upload goes on where the
+    source broke). When those retries ran out, the destination's retry layer started them all
+    over: (retries + 1)² GETs, 36 with the default 5, 26 s before the exit."""
+    repo, layer = pushed
+    front = await proxy(registry, Faults(status={500: 1.0}, match=lambda r: r.method == "GET"
+                                         and r.path.endswith(str(layer.digest))))
+    with pytest.raises(blobflow.RegistryError, match="500"):
+        await blobflow.Client(ranged_config(retries=2)).copy(f"{front.host}/{repo}:v1", f"{registry2.host}/copied:v1")
+    assert blob_gets(front.log, repo, layer) == [500] * 3

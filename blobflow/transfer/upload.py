@@ -23,7 +23,7 @@ from ..layout import name_os_errors
 from ..plan import Strategy, choose_upload, refused_body_limit
 from ..progress import Event
 from ..registry import Upload
-from ..retry import backoff_delay
+from ..retry import MAX_ATTEMPTS_FACTOR, backoff_delay
 from ..types import Descriptor
 from .base import Context
 from .ends import RegistryEnd
@@ -228,7 +228,9 @@ class _Outgoing:
         self.skip = offset - at
         self.chunks = push.opener(at)
         self.tail = b""
-        self.source_failures = 0
+        self.source_failures = 0  # in a row, without a byte read between them
+        self.source_breaks = 0
+        self.failed_at = at
         # aiohttp reads a request body in a task of its own that may still be inside _next when
         # the request has already failed: closing the source waits for it to step out
         self._idle = asyncio.Event()
@@ -274,7 +276,15 @@ class _Outgoing:
 
     async def _reopen(self, error: BlobflowError) -> None:
         cfg = self.push.ctx.config
-        if not error.retryable or self.source_failures >= cfg.retries:
+        if self.read_pos > self.failed_at:  # it moved on since it last broke: a flaky link, not a dead source
+            self.failed_at, self.source_failures = self.read_pos, 0
+        self.source_breaks += 1
+        if not error.retryable:
+            raise error
+        if self.source_failures >= cfg.retries or self.source_breaks >= (cfg.retries + 1) * MAX_ATTEMPTS_FACTOR:
+            # the source had its retries here; the destination's retry layer must not start them
+            # over (each of its attempts did: (retries + 1)² GETs of a blob the source cannot serve)
+            error.retryable = False
             raise error
         delay = backoff_delay(self.source_failures, base=cfg.backoff_base, cap=cfg.backoff_cap,
                               retry_after=getattr(error, "retry_after", None))
