@@ -530,7 +530,9 @@ def _renderer(args: argparse.Namespace) -> Renderer:
     if getattr(args, "json", False):
         return JsonRenderer()
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
-    out = sys.stderr if _blob_to_stdout(args) else None  # the summary line
+    # the summary line; standard output carries the blob of `blob get IMAGE -`, the digest of
+    # `blob put` (DIGEST=$(blobflow blob put FILE REPO) must get that alone)
+    out = sys.stderr if _blob_to_stdout(args) or (args.command == "blob" and args.blob_command == "put") else None
     if sys.stderr.isatty() and not quiet and args.command in ("pull", "push", "copy", "blob", "mirror"):
         from ._render_rich import RichRenderer  # only on a terminal: rich is slow to import
 

@@ -121,7 +121,8 @@ async def test_blob_put_from_stdin(registry: LocalRegistry, cli: Cli, tmp_path: 
     result = await cli("blob", "put", "-", f"{registry.host}/from-stdin", stdin=data, env={"TMPDIR": str(tmpdir)})
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == digest_of(data)
+    assert result.stdout == f"{digest_of(data)}\n"  # the summary line goes to standard error
+    assert "MB" in result.stderr
     assert list(tmpdir.iterdir()) == []
     got = io.BytesIO()
     await blobflow.Client().blob_get(f"{registry.host}/from-stdin@{digest_of(data)}", got)
