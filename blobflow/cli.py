@@ -503,22 +503,24 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
         print(json.dumps({"event": "summary", "operation": "mirror", **{k: v for k, v in report.items()
                                                                           if k != "images"},
                           "images": len(result.images), "failed": len(failed)}))
-    elif not args.quiet:
+    else:
         for i in result.images:
-            line = f"{i.status:>10}  {i.source} -> {i.destination}"
-            if i.status in ("copied", "would copy"):
-                line += (f"  ({i.blobs} blobs, {i.bytes / 1e6:.1f} MB, {i.skipped} skipped, {i.mounted} mounted"
-                         + (f", {i.shared} shared)" if i.shared else ")"))
-            elif i.status == "failed":
-                line += f"  ({i.error})"
-            print(line)
-        moved = sum(i.bytes for i in result.images)
-        verb = "would move" if args.dry_run else "moved"
-        print(f"mirror shard {result.shard}: {len(result.images)} images, "
-              f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "
-              f"{verb} {moved / 1e6:.1f} MB in {result.seconds:.2f} s; requests: "
-              + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items()))
-              + "".join(f"; pull quota left at {h}: {q}" for h, q in sorted(result.quota.items())))
+            if i.status == "failed":  # on standard error, -q or not: `2>errors.log` keeps them
+                print(f"blobflow: failed: {i.source} -> {i.destination}: {i.error}", file=sys.stderr)
+            elif not args.quiet:
+                line = f"{i.status:>10}  {i.source} -> {i.destination}"
+                if i.status in ("copied", "would copy"):
+                    line += (f"  ({i.blobs} blobs, {i.bytes / 1e6:.1f} MB, {i.skipped} skipped, {i.mounted} mounted"
+                             + (f", {i.shared} shared)" if i.shared else ")"))
+                print(line)
+        if not args.quiet:
+            moved = sum(i.bytes for i in result.images)
+            verb = "would move" if args.dry_run else "moved"
+            print(f"mirror shard {result.shard}: {len(result.images)} images, "
+                  f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "
+                  f"{verb} {moved / 1e6:.1f} MB in {result.seconds:.2f} s; requests: "
+                  + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items()))
+                  + "".join(f"; pull quota left at {h}: {q}" for h, q in sorted(result.quota.items())))
     if args.report:  # after the summary: a disk that fills now still leaves the user the figures
         atomic_write(Path(args.report), (json.dumps(report, indent=2) + "\n").encode())
     if failed:

@@ -225,7 +225,12 @@ async def test_one_broken_image_exits_3_and_the_rest_are_mirrored(
     assert "MANIFEST_UNKNOWN" in failed[0]["error"] or "NAME_UNKNOWN" in failed[0]["error"]
     assert failed[1]["error"].startswith("listing tags: ") and "NAME_UNKNOWN" in failed[1]["error"]
     assert sum(i["status"] == "copied" for i in report["images"]) == len(digests)
-    assert "failed" in out
+    failures = [f"blobflow: failed: {i['source']} -> {i['destination']}: {i['error']}" for i in failed]
+    assert [line for line in err.splitlines() if line.startswith("blobflow: failed: ")] == failures
+    assert "2 failed" in out
+    # -q keeps them: on standard error, the only output (`2>errors.log` of a nightly job)
+    code, out, err = await _mirror(plan, "-q", "--state-dir", str(tmp_path / "state"))
+    assert (code, out, err.splitlines()) == (3, "", failures)
 
 
 async def test_every_repository_is_listed_at_once(
