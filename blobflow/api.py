@@ -33,7 +33,7 @@ from .images import (
     transfer_image,
 )
 from .layout import Layout, writable_file
-from .mirror import MirrorPlan, MirrorResult, load_plan, run_mirror
+from .mirror import MirrorPlan, MirrorResult, load_plan, run_mirror, valid_shard
 from .progress import Event, Listener, Stats
 from .registry import Credentials, RegistryPool
 from .scheduler import Scheduler
@@ -173,6 +173,8 @@ class Client:
                      dry_run: bool = False, recompress: str | None = None) -> MirrorResult:
         """Every image of a mirror plan (or of this shard of it) in one job. One image failing does
         not stop the others: see ``MirrorResult.failed``."""
+        if not valid_shard(shard):  # (2, 2), (-1, 2): a shard no image is in, mirrored "successfully"
+            raise BadInputError(f"invalid shard {shard!r}: expected (I, N) with 0 <= I < N, e.g. (0, 4)")
         if not isinstance(plan, MirrorPlan):
             plan = load_plan(plan)
         async with self._job() as ctx:

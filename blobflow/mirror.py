@@ -138,6 +138,10 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
     unknown = set(data) - {"defaults", "mirror"}
     if unknown:
         raise BadInputError(f"{origin}: unknown section(s) {', '.join(sorted(unknown))}")
+    unknown = set(defaults) - {"platforms", "concurrency", "rate", "recompress"}
+    if unknown:  # a typo there (platform, rates) silently mirrored every platform with no limit
+        raise BadInputError(f"{origin}: [defaults]: unknown key(s) {', '.join(sorted(unknown))} "
+                            "(known: platforms, concurrency, rate, recompress)")
     entries = []
     for i, raw in enumerate(entries_raw, 1):
         what = f"{origin}: mirror entry {i}"
@@ -243,9 +247,16 @@ def shard_of(source: str, shards: int) -> int:
 
 def parse_shard(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+    shard = (int(m.group(1)), int(m.group(2))) if m else None
+    if shard is None or not valid_shard(shard):
         raise BadInputError(f"invalid --shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    return int(m.group(1)), int(m.group(2))
+    return shard
+
+
+def valid_shard(shard: Any) -> bool:
+    """``(I, N)`` with 0 <= I < N: a Kubernetes Indexed Job's completion index counts from 0."""
+    return (isinstance(shard, tuple) and len(shard) == 2 and all(type(n) is int for n in shard)
+            and 0 <= shard[0] < shard[1])
 
 
 async def expand(ctx: Context, entry: MirrorEntry, end: Any) -> list[MirrorItem]:

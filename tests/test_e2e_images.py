@@ -216,16 +216,17 @@ async def test_a_failed_pull_leaves_what_another_pull_wrote_into_the_same_new_di
     src, dst = tmp_path / "src", tmp_path / "layout"
     pushed = build_image(src, "v1", [32 * KiB], seed=61)
     await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
-    answer = asyncio.Event()
+    asked, answer = asyncio.Event(), asyncio.Event()
 
     async def missing_late(request: web.Request) -> web.StreamResponse:
+        asked.set()  # the failing pull has made the layout by now
         await answer.wait()
         return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
                                  status=404)
 
     failing = asyncio.ensure_future(blobflow.Client().pull(f"{await fake_registry(missing_late)}/app:v1", dst))
-    while not (dst / "oci-layout").exists():
-        await asyncio.sleep(0.01)
+    await asked.wait()
+    assert (dst / "oci-layout").exists()
     await blobflow.Client().pull(f"{registry.host}/{repo_name}:v1", dst)
     answer.set()
     with pytest.raises(blobflow.NotFoundError):

@@ -69,12 +69,22 @@ def test_shards_partition_the_plan_deterministically() -> None:
             parse_shard(bad)
 
 
+async def test_the_api_refuses_a_shard_no_image_is_in() -> None:
+    """(2, 2) from a 1-based index mirrored nothing and said it succeeded; (0, 0) divided by zero."""
+    plan = parse_plan({"mirror": [{"source": "127.0.0.1:9/a", "destination": "127.0.0.1:9/b"}]})
+    for bad in ((2, 2), (5, 2), (-1, 2), (0, 0), (0.0, 2), [0, 2]):
+        with pytest.raises(BadInputError, match="invalid shard"):
+            await blobflow.Client().mirror(plan, shard=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("plan", "message"), [
     ({}, "no \\[\\[mirror\\]\\]"),
     ({"mirror": [{"source": "a"}]}, "lacks 'destination'"),
     ({"mirror": [{"source": "a", "destination": "b", "newest": 0}]}, "newest"),
     ({"mirror": [{"source": "a", "destination": "b", "include": "("}]}, "invalid regex"),
     ({"mirror": [{"source": "a", "destination": "b", "colour": "red"}]}, "unknown key"),
+    ({"defaults": {"platform": ["linux/amd64"], "rates": 2}, "mirror": [{"source": "a", "destination": "b"}]},
+     "\\[defaults\\]: unknown key\\(s\\) platform, rates"),
     ({"mirror": [{"source": "a:1", "destination": "b", "tags": ["2"]}]}, "not both"),
     ({"mirror": [{"source": "a", "destination": "b", "platforms": ["linux"]}]}, "platforms"),
     ({"mirror": [{"source": "UPPER", "destination": "b"}]}, "invalid reference"),
