@@ -487,5 +487,5 @@ async def test_mirror_reports_the_pull_quota_a_registry_tells_and_stops_when_it_
     plan.write_text(plan.read_text().replace(p.host, spent.host).replace("mirror/q", "mirror/q2"))
     code, out, err = await _mirror(plan, "--retries", "5")
     assert code == 1, out + err
-    assert f"the pull quota of {spent.host} is spent (0 of 100 per 6 h)" in out, out
+    assert f"the pull quota of {spent.host} is spent (0 of 100 per 6 h)" in err, err
     assert spent.counters["status:429"] == 1  # asked once, not five times more
