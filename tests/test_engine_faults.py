@@ -223,3 +223,39 @@ async def test_a_source_blob_that_always_fails_is_asked_retries_plus_one_times(
     with pytest.raises(blobflow.RegistryError, match="500"):
         await blobflow.Client(ranged_config(retries=2)).copy(f"{front.host}/{repo}:v1", f"{registry2.host}/copied:v1")
     assert blob_gets(front.log, repo, layer) == [500] * 3
+
+
+@pytest.mark.parametrize("mode", ["push", "copy"])
+async def test_a_session_holding_every_byte_is_committed_by_the_next_run(
+    mode: str, registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, repo_name: str,
+    tmp_path: Path
+) -> None:
+    """A run stopped after the blob's last byte reached the registry and before its commit (Ctrl-C
+    there, or a commit answered 503 until the retries ran out) leaves a session holding the whole
+    blob. The next run skipped the bytes the registry held without reading them, found none hashed
+    and failed: "source ended after 0 of N bytes" (push: "the local file is corrupt"), every run
+    after it too. It must hash them and send the commit alone."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [6 * MiB], seed=63)
+    _, [layer] = image_blobs(src, "v1")
+    source = str(src)
+    if mode == "copy":
+        await blobflow.Client(ranged_config()).push(src, f"{registry.host}/{repo_name}:v1")
+        source = f"{registry.host}/{repo_name}:v1"
+    front = await proxy(registry2, Faults(status={503: 1.0}, match=lambda r: r.method == "PUT"
+                                          and r.query.get("digest") == str(layer.digest)))
+    client = blobflow.Client(ranged_config(retries=1, state_dir=str(tmp_path / "state")))
+    run = client.push if mode == "push" else client.copy
+
+    with pytest.raises(blobflow.RegistryError, match="503"):
+        await run(source, f"{front.host}/{repo_name}:v1")
+    sent = sum(method == "PATCH" for method, _, _ in front.log)
+    assert sent >= 1
+    front.faults.status = {}
+    await run(source, f"{front.host}/{repo_name}:v1")
+
+    assert sum(method == "PATCH" for method, _, _ in front.log) == sent  # no byte of it sent again
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{registry2.url}/v2/{repo_name}/blobs/{layer.digest}") as resp:
+            assert resp.status == 200
+            assert "sha256:" + hashlib.sha256(await resp.read()).hexdigest() == str(layer.digest)

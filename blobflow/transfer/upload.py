@@ -165,6 +165,7 @@ class Push:
                 await client.upload_chunk(up, out.body(body), body, content_range=ranged)
                 self._save()
             body, ranged = 0, False
+            await out.drain()
             out.check()
             await client.finish_upload(up, desc.digest)
             return True
@@ -312,6 +313,12 @@ class _Outgoing:
             self.push._sent_total += len(chunk)
             self.push.ctx.emit(Event("bytes", digest, n=len(chunk)))
             yield chunk
+
+    async def drain(self) -> None:
+        """Read (hash, not send) what is left of the bytes the registry holds already: all of the
+        blob when a run stopped between its last byte and its commit, and this one resumed there."""
+        while self.read_pos < self.push.desc.size and await self._next() is not None:
+            pass
 
     def check(self) -> None:
         desc = self.push.desc
