@@ -246,14 +246,17 @@ class Journal:
             return None
         assert self.root is not None
         file = self.root / "downloads" / f"{_key(str(destination.resolve()), str(digest))}.json"
-        fresh = DownloadRecord(file, str(digest), size, str(partial), journal=self)
+        # resolved, as the key is: `pull ./out` run again from another directory as `pull /abs/out`
+        # (a cron job, a CI step) is the same download and must find its partial file trusted
+        partial_name = str(partial.resolve())
+        fresh = DownloadRecord(file, str(digest), size, partial_name, journal=self)
         data, warning = _read(file)
         if data is None:
             fresh.warning = warning
             return fresh
         try:
             ok = (data["kind"] == "download" and data["digest"] == str(digest) and data["size"] == size
-                  and data["partial"] == str(partial))
+                  and data["partial"] == partial_name)
             ranges = [(int(s), int(e), str(x)) for s, e, x in data["ranges"]]
             ok = ok and all(0 <= s < e <= size for s, e, _ in ranges)
         except (KeyError, TypeError, ValueError):

@@ -141,6 +141,23 @@ def test_download_ranges_outside_the_blob_are_not_trusted(tmp_path: Path) -> Non
     assert bad.ranges == [] and "does not match" in bad.warning
 
 
+def test_a_download_record_is_found_however_the_path_is_spelled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pull ... out` interrupted, then `pull ... /abs/out` (or from another directory): the same
+    download. The record's key was the resolved path, its check the path as given: "discarded a
+    resume record that does not match this blob", and every byte fetched again."""
+    journal = Journal(tmp_path / "state")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    rec = journal.download(Path("out/blob"), D1, 100, Path("out/.blob.partial"))
+    assert rec is not None
+    rec.ranges = [(0, 50, "abc")]
+    rec.save()
+    monkeypatch.chdir(tmp_path)
+    again = journal.download(tmp_path / "work/out/blob", D1, 100, Path("work/out/.blob.partial"))
+    assert again is not None and again.ranges == [(0, 50, "abc")] and not again.warning
+
+
 def test_range_checksum_reads_exactly_the_range() -> None:
     data = bytes(range(256)) * 100
     def read_at(offset: int, n: int) -> bytes:
