@@ -6,6 +6,7 @@ because the fault was never exercised.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -259,3 +260,28 @@ async def test_a_session_holding_every_byte_is_committed_by_the_next_run(
         async with session.get(f"{registry2.url}/v2/{repo_name}/blobs/{layer.digest}") as resp:
             assert resp.status == 200
             assert "sha256:" + hashlib.sha256(await resp.read()).hexdigest() == str(layer.digest)
+
+
+@pytest.mark.parametrize("compress", [None, "zstd"], ids=["push", "push-zstd"])
+async def test_bytes_sent_again_by_a_retry_are_not_counted_again(
+    compress: str | None, registry: LocalRegistry, proxy: MakeProxy, repo_name: str, tmp_path: Path
+) -> None:
+    """Cut uploads are sent again. Each attempt's bytes were counted: Result.bytes (and the rate
+    and final line with it) over the image's own figure, one blob's progress events at 400 % of
+    its size. Progress is the furthest byte reached, so they add up to the blob."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [3 * MiB, 6 * MiB], seed=64, compression="gzip")
+    events: list[blobflow.Event] = []
+    front = await proxy(registry, Faults(cut_request=0.4, seed=3, match=lambda r: r.method in ("PATCH", "PUT")))
+    client = blobflow.Client(ranged_config(retries=12), listener=events.append)
+
+    result = await client.push(src, f"{front.host}/{repo_name}:v1", compress=compress)
+
+    assert front.counters["cut_request"] >= 1 and result.retries >= 1
+    per_blob: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.kind == "bytes":
+            per_blob[e.digest] += e.n
+    sizes = {e.digest: e.size for e in events if e.kind == "blob_start"}
+    assert per_blob == sizes
+    assert result.bytes == sum(sizes.values())

@@ -106,7 +106,8 @@ async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descript
         rec = Recoder(source, codec)
         ctx.emit(Event("blob_start", short, size=desc.size, target=str(dst), detail=f"{source} -> {codec}"))
         try:
-            out = await _send(ctx, dst, desc, diff_id, rec, _opener(ctx, src, desc), local=isinstance(src, LayoutEnd))
+            out = await _send(ctx, dst, desc, diff_id, rec, _opener(ctx, src, desc), local=isinstance(src, LayoutEnd),
+                              counted=done)
         finally:
             done = max(done, rec.source_size)
         ctx.emit(Event("blob_done", short, size=desc.size, target=str(dst)))
@@ -130,8 +131,9 @@ def _opener(ctx: Context, src: ImageEnd, desc: Descriptor) -> Opener:
 
 
 async def _send(ctx: Context, dst: RegistryEnd, desc: Descriptor, diff_id: Digest, rec: Recoder,
-                opener: Opener, *, local: bool) -> Descriptor:
-    """One attempt: a new session, one streamed PATCH, checks, then the PUT (or a cancel)."""
+                opener: Opener, *, local: bool, counted: int = 0) -> Descriptor:
+    """One attempt: a new session, one streamed PATCH, checks, then the PUT (or a cancel).
+    ``counted``: source bytes earlier attempts reported as moved, not reported again."""
     client, short = dst.client, desc.digest.short
     failure: list[BlobflowError] = []
 
@@ -143,7 +145,8 @@ async def _send(ctx: Context, dst: RegistryEnd, desc: Descriptor, diff_id: Diges
                 if rec.source_size + len(chunk) > desc.size:
                     raise DigestMismatchError(f"layer {short}: source has more bytes than its size {desc.size:,}",
                                               retryable=not local)
-                ctx.emit(Event("bytes", short, n=len(chunk)))
+                if (new := rec.source_size + len(chunk) - max(counted, rec.source_size)) > 0:
+                    ctx.emit(Event("bytes", short, n=new))
                 steps = rec.feed(chunk)
                 while (piece := await asyncio.to_thread(next, steps, None)) is not None:
                     if piece:

@@ -64,6 +64,9 @@ class Push:
         self.session: Upload | None = None
         self.ticket: UploadTicket | None = None
         self._sent_total = 0  # bytes sent, over every attempt
+        # the furthest byte of the blob any attempt sent: what progress (``bytes`` events, the
+        # job's byte count and rate) counts, so an attempt sending bytes again does not count them twice
+        self.reported = 0
         self._moved = 0  # of those, the ones sent by attempts that a flaky link ended (see progress)
         # a blob that goes in one PUT has nothing to resume (if a cap learned later makes it go in
         # chunks after all, those are not resumable by a later run: a few MiB at most)
@@ -226,6 +229,7 @@ class _Outgoing:
         push.snapshots = {o: s for o, s in push.snapshots.items() if o >= at}
         self.read_pos = at
         self.sent = at
+        push.reported = max(push.reported, offset)  # what the registry holds (an earlier run's too) is not this run's
         self.skip = offset - at
         self.chunks = push.opener(at)
         self.tail = b""
@@ -311,7 +315,9 @@ class _Outgoing:
             n -= len(chunk)
             self.sent += len(chunk)
             self.push._sent_total += len(chunk)
-            self.push.ctx.emit(Event("bytes", digest, n=len(chunk)))
+            if self.sent > self.push.reported:  # bytes an earlier attempt sent already are not new progress
+                self.push.ctx.emit(Event("bytes", digest, n=self.sent - self.push.reported))
+                self.push.reported = self.sent
             yield chunk
 
     async def drain(self) -> None:
