@@ -34,20 +34,25 @@ from .types import Descriptor, Digest, Reference
 
 if TYPE_CHECKING:
     from .api import Client, ImageResult, Platform, Result
+    from .mirror import ImageReport, MirrorPlan, MirrorResult
+    from .registry import Credentials
 
     Engine = Client
 
-_FROM_API = {"Client": "Client", "Engine": "Client", "ImageResult": "ImageResult", "Platform": "Platform",
-             "Result": "Result"}
+_LAZY = {"Client": ("api", "Client"), "Engine": ("api", "Client"), "ImageResult": ("api", "ImageResult"),
+         "Platform": ("api", "Platform"), "Result": ("api", "Result"), "Credentials": ("registry", "Credentials"),
+         "MirrorPlan": ("mirror", "MirrorPlan"), "MirrorResult": ("mirror", "MirrorResult"),
+         "ImageReport": ("mirror", "ImageReport")}
 
 
 def __getattr__(name: str) -> Any:
-    """The client and its results, imported on first use: they bring in aiohttp, which costs
-    most of a process start, and ``blobflow --help`` or ``--version`` never needs it."""
-    if name in _FROM_API:
-        from . import api
+    """The client, its inputs and its results, imported on first use: they bring in aiohttp, which
+    costs most of a process start, and ``blobflow --help`` or ``--version`` never needs it."""
+    if name in _LAZY:
+        import importlib
 
-        value = getattr(api, _FROM_API[name])
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -58,6 +63,7 @@ __all__ = [
     "BlobflowError",
     "Client",
     "ConnectError",
+    "Credentials",
     "DeadlineError",
     "Descriptor",
     "Digest",
@@ -65,12 +71,15 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "Event",
+    "ImageReport",
     "ImageResult",
     "InvalidDigestError",
     "InvalidReferenceError",
     "LayoutError",
     "LimitExceededError",
     "ManifestError",
+    "MirrorPlan",
+    "MirrorResult",
     "NotFoundError",
     "Platform",
     "Reference",

@@ -14,13 +14,13 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from .codec import Codec
-from .config import EngineConfig
+from .config import EngineConfig, parse_size
 from .errors import BadInputError, NotFoundError
 from .images import (
     ImageOutcome,
@@ -82,6 +82,18 @@ class Client:
         self.config = config or EngineConfig()
         self.listener = listener
         self._credentials = dict(credentials or {})
+        wrong = sorted(r for r, c in self._credentials.items() if not isinstance(c, Credentials))
+        if wrong:  # a ("user", "password") tuple was dropped without a word: "none are configured"
+            raise BadInputError(f"credentials for {', '.join(wrong)}: give blobflow.Credentials(username=..., "
+                                "password=...) per registry")
+
+    async def __aenter__(self) -> Client:
+        """``async with Client() as client``: nothing to open or close (each call runs its own job
+        with its own connections), so a client is just as good without it."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
     @contextlib.asynccontextmanager
     async def _job(self) -> AsyncIterator[Context]:
@@ -104,7 +116,7 @@ class Client:
                       s.retries, s.manifests, list(s.notes), min_slack=s.min_slack)
 
     # -- images ----------------------------------------------------------------------------
-    async def pull(self, image: str, directory: str | Path, *, platform: str | None = None) -> Result:
+    async def pull(self, image: str | Reference, directory: str | Path, *, platform: str | None = None) -> Result:
         ref = Reference.parse(image)
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
@@ -124,7 +136,7 @@ class Client:
             raise
         return self._result("pull", job, started, [img])
 
-    async def push(self, directory: str | Path, image: str, *, tag: str | None = None,
+    async def push(self, directory: str | Path, image: str | Reference, *, tag: str | None = None,
                    annotations: Mapping[str, str] | None = None, platform: str | None = None,
                    compress: str | None = None) -> Result:
         """``compress``: ``zstd[:LEVEL]`` or ``gzip[:LEVEL]``: tar layers not already so are
@@ -149,7 +161,7 @@ class Client:
                                            convert=codec, expect=ref.digest)
         return self._result("push", ctx, started, [img])
 
-    async def copy(self, source: str, destination: str, *, platform: str | None = None,
+    async def copy(self, source: str | Reference, destination: str | Reference, *, platform: str | None = None,
                    annotations: Mapping[str, str] | None = None, recompress: str | None = None) -> Result:
         """``recompress``: ``zstd[:LEVEL]`` (or ``gzip[:LEVEL]``): layers are decompressed and
         recompressed in one streaming pipeline, source digests and diff_ids verified."""
@@ -181,8 +193,25 @@ class Client:
             return await run_mirror(ctx, plan, self._registry_end, shard=shard, dry_run=dry_run,
                                     convert=Codec.parse(recompress) if recompress else None)
 
+    async def bench(self, target: str, *, sizes: Sequence[int | str] = ("1MiB", "16MiB"),
+                    concurrency: Sequence[int] = (1, 4), ops: Sequence[str] = ("push", "pull"), repeat: int = 3,
+                    duration: float | None = None, blobs: int | None = None, copy_to: str | None = None,
+                    cleanup: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """``blobflow bench TARGET``: synthetic blobs of each size pushed and pulled (or copied to
+        ``copy_to``) at each concurrency, ``repeat`` samples a cell (or as many as fit in
+        ``duration`` seconds). The report follows the ``blobflow-bench/1`` schema
+        (:mod:`blobflow.benchreport`: ``save_report``, ``format_table``, ``compare``); ``log``
+        gets a line per cell as it runs. What the run wrote is deleted unless ``cleanup=False``."""
+        from .bench import BenchParams, run_bench
+
+        params = BenchParams(target=target, sizes=tuple(parse_size(s) if isinstance(s, str) else s for s in sizes),
+                             concurrency=tuple(concurrency), ops=tuple(ops), repeat=repeat, duration=duration,
+                             blobs=blobs, copy_to=copy_to, cleanup=cleanup)
+        return await run_bench(params, config=self.config, credentials=self._credentials,
+                               log=log or (lambda _: None))
+
     # -- single blobs ----------------------------------------------------------------------
-    async def blob_get(self, image: str, file: str | os.PathLike[str] | BinaryIO) -> Result:
+    async def blob_get(self, image: str | Reference, file: str | os.PathLike[str] | BinaryIO) -> Result:
         """Download one blob into ``file``: a path (written under a temporary name, verified,
         then renamed; an interrupted download resumes), or an open binary file such as
         ``sys.stdout.buffer``. An open file gets the blob only once every byte of it is verified:
@@ -247,13 +276,13 @@ class Client:
         return self._result("blob put", ctx, started, []), desc
 
     # -- metadata --------------------------------------------------------------------------
-    async def tags(self, repository: str, *, page_size: int | None = None) -> list[str]:
+    async def tags(self, repository: str | Reference, *, page_size: int | None = None) -> list[str]:
         ref = Reference.parse(repository)
         async with self._job() as ctx:
             end = self._registry_end(ctx, ref)
             return await retrying(ctx, str(end), lambda: end.client.list_tags(ref.repository, page_size=page_size))
 
-    async def inspect(self, image: str, *, platform: str | None = None) -> RawManifest:
+    async def inspect(self, image: str | Reference, *, platform: str | None = None) -> RawManifest:
         """The image's manifest; with ``platform``, that platform's manifest from an index (a
         single image's own manifest when it is of that platform)."""
         ref = Reference.parse(image)

@@ -148,13 +148,21 @@ class Reference:
     digest: Digest | None = None
 
     @classmethod
-    def parse(cls, text: str, *, default_tag: str | None = "latest") -> Reference:
+    def parse(cls, text: str | Reference, *, default_tag: str | None = "latest") -> Reference:
+        if isinstance(text, Reference):
+            text = str(text)
+        elif not isinstance(text, str):
+            raise InvalidReferenceError(f"an image reference is a string like registry/repo:tag, "
+                                        f"not a {type(text).__name__}")
         orig = text
         if not text or any(c.isspace() for c in text):
             raise InvalidReferenceError(f"invalid reference {orig!r}: empty or contains whitespace")
         digest: Digest | None = None
         if "@" in text:
             text, _, dig = text.partition("@")
+            if "/" in dig:  # user:password@host/repo, as in a URL: never say the password back
+                raise InvalidReferenceError(f"invalid reference '***@{dig}': an image reference has no "
+                                            "user or password; log in first: blobflow login REGISTRY")
             try:
                 digest = Digest.parse(dig)
             except InvalidDigestError as e:

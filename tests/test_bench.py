@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from conftest import Cli
 
+import blobflow
 from blobflow.bench import BenchParams, Synth, _bench_ref, run_bench
 from blobflow.benchreport import (
     SCHEMA,
@@ -174,3 +175,17 @@ async def test_tiny_bench_against_the_registry(registry: LocalRegistry, tmp_path
     assert loaded["registry"]["repository"].startswith("bench/blobflow-bench-")
     # pushes wrote 2 sizes x 2 levels x 2 samples x 3 blobs; pulls read those back
     assert loaded["registry"]["cleanup"] == {"deleted": 24, "failed": 0, "note": "all blobs deleted"}
+
+
+async def test_the_client_benches_as_the_cli_does(registry: LocalRegistry) -> None:
+    """PRODUCT.md lists bench among the Client's operations; it was only ``run_bench(BenchParams)``,
+    exported nowhere."""
+    lines: list[str] = []
+    async with blobflow.Client(EngineConfig(plain_http=True)) as client:
+        report = await client.bench(f"{registry.host}/bench", sizes=["4KiB", 70_000], concurrency=[2], repeat=1,
+                                    blobs=2, log=lines.append)
+    assert [(c["op"], c["size"], c["concurrency"]) for c in report["cells"]] == [
+        (op, size, 2) for op in ("push", "pull") for size in (4096, 70_000)]
+    assert report["registry"]["cleanup"]["deleted"] == 4 and lines
+    with pytest.raises(blobflow.BadInputError, match="unknown op"):
+        await blobflow.Client().bench(f"{registry.host}/bench", ops=["delete"])

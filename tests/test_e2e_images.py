@@ -235,6 +235,23 @@ async def test_a_failed_pull_leaves_what_another_pull_wrote_into_the_same_new_di
     assert check_layout(dst).tags == {"v1": str(pushed.digest)}
 
 
+async def test_the_api_takes_reference_objects_and_refuses_credentials_it_cannot_use(
+        registry: LocalRegistry, check_layout: CheckLayout, repo_name: str, tmp_path: Path) -> None:
+    """blobflow.Reference is exported, yet pull(Reference) was "TypeError: 'Reference' object is
+    not iterable"; credentials given as ("user", "password") were dropped without a word, and the
+    registry's 401 then said none were configured."""
+    src = tmp_path / "src"
+    desc = build_image(src, "v1", [16 * KiB], seed=65)
+    ref = blobflow.Reference.parse(f"{registry.host}/{repo_name}:v1")
+    async with blobflow.Client() as client:
+        await client.push(src, ref)
+        await client.pull(ref, tmp_path / "out")
+        assert (await client.inspect(ref)).digest == desc.digest
+    assert check_layout(tmp_path / "out").tags == {"v1": str(desc.digest)}
+    with pytest.raises(blobflow.BadInputError, match=f"credentials for {registry.host}: give blobflow.Credentials"):
+        blobflow.Client(credentials={registry.host: ("alice", "pw")})  # type: ignore[dict-item]
+
+
 async def test_push_chooses_the_image_by_tag(registry: LocalRegistry, repo_name: str, tmp_path: Path) -> None:
     """A layout holding two images pushes the one named by ``tag``, and refuses to guess."""
     layout = tmp_path / "layout"

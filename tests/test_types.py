@@ -144,6 +144,24 @@ def test_reference_rejects_name_over_255_characters() -> None:
         Reference.parse("example.com/" + "a" * 250)
 
 
+def test_a_password_in_a_reference_is_not_said_back() -> None:
+    """`user:password@host/repo`, as in a URL, was "unsupported digest algorithm" for the host,
+    quoting the whole string, password included."""
+    with pytest.raises(InvalidReferenceError) as info:
+        Reference.parse("alice:S3cr3tPassw0rd@127.0.0.1:5201/app")
+    assert "S3cr3t" not in str(info.value) and "alice" not in str(info.value)
+    assert "blobflow login" in str(info.value)
+
+
+def test_a_reference_object_is_taken_as_itself_and_other_types_are_bad_input() -> None:
+    ref = Reference.parse("127.0.0.1:5000/a/b@" + SHA)
+    assert Reference.parse(ref) == ref
+    assert Reference.parse(Reference.parse("127.0.0.1:5000/a/b", default_tag=None), default_tag=None).tag is None
+    for bad in (None, 5, b"127.0.0.1:5000/a"):
+        with pytest.raises(InvalidReferenceError, match="an image reference is a string"):
+            Reference.parse(bad)  # type: ignore[arg-type]
+
+
 _REF_ALPHABET = string.ascii_letters + string.digits + ".:/@-_[]% \t\n\x00é"
 
 
