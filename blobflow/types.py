@@ -94,7 +94,7 @@ class Descriptor:
             digest = Digest.parse(obj["digest"])
         except KeyError as e:
             raise ManifestError(f"descriptor lacks {e.args[0]!r}") from None
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1 << 63:  # the spec's int64
             raise ManifestError(f"descriptor of {digest.short} has an invalid size {size!r}")
         if not isinstance(media_type, str):
             raise ManifestError("descriptor mediaType is not a string")
@@ -160,7 +160,8 @@ class Reference:
         digest: Digest | None = None
         if "@" in text:
             text, _, dig = text.partition("@")
-            if "/" in dig:  # user:password@host/repo, as in a URL: never say the password back
+            if "/" in dig and "/" not in text and not dig.startswith(("sha256:", "sha512:")):
+                # user:password@host/repo, as in a URL: never say the password back
                 raise InvalidReferenceError(f"invalid reference '***@{dig}': an image reference has no "
                                             "user or password; log in first: blobflow login REGISTRY")
             try:
