@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -131,7 +132,7 @@ def positive_finite(value: float) -> bool:
     """A count of seconds or of requests per second that means one: not 0, negative, nan or inf
     (``nan <= 0`` is false, so a plain sign check let nan through, and a deadline or a bench of
     nan seconds never came)."""
-    return math.isfinite(value) and value > 0
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _limit_value(path: str | Path, host: str, key: str, value: Any) -> Any:
@@ -207,18 +208,28 @@ class EngineConfig:
     socket_buffer: int = 4 * MiB
 
     def __post_init__(self) -> None:
+        # checked here, not only by the CLI's parsers: from the API, concurrency=1.5 broke the
+        # scheduler mid-job, read_timeout=-5 timed out every request, max_layer_size="10GB" was a
+        # TypeError at the first upload
         for name in ("concurrency", "connections_per_host", "part_size", "parts_per_blob", "read_size",
-                     "file_read_size", "copy_buffer"):
-            if getattr(self, name) < 1:
-                raise BadInputError(f"{name.replace('_', '-')} must be at least 1")
-        if self.retries < 0:
-            raise BadInputError("retries must be 0 or more")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise BadInputError("chunk-size must be at least 1 byte")
+                     "file_read_size", "copy_buffer", "range_threshold", "monolithic_threshold", "retries",
+                     "socket_buffer", "chunk_size", "max_layer_size"):
+            value = getattr(self, name)
+            least = 0 if name in ("retries", "socket_buffer", "range_threshold", "monolithic_threshold") else 1
+            if value is None and name in ("chunk_size", "max_layer_size"):
+                continue
+            if type(value) is not int or value < least:
+                raise BadInputError(f"{name.replace('_', '-')} must be a whole number of at least {least}, "
+                                    f"not {value!r}")
+        for name in ("connect_timeout", "read_timeout", "backoff_cap"):
+            if not positive_finite(getattr(self, name)):
+                raise BadInputError(f"{name.replace('_', '-')} must be a positive number of seconds")
+        if not positive_finite(self.backoff_base) and self.backoff_base != 0:
+            raise BadInputError("backoff-base must be 0 or a positive number of seconds")
+        if self.state_dir is not None and not isinstance(self.state_dir, str | os.PathLike):
+            raise BadInputError(f"state-dir must be a path, not {self.state_dir!r}")
         if self.upload_window is not None and not positive_finite(self.upload_window):
             raise BadInputError("upload-window must be a positive number of seconds")
-        if self.socket_buffer < 0:
-            raise BadInputError("socket-buffer must be 0 or more")
         if self.rate is not None and not positive_finite(self.rate):
             raise BadInputError("rate must be a positive number of requests per second (None: no limit)")
         if self.window_scope not in (None, "session", "request"):

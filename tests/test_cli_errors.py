@@ -390,6 +390,10 @@ BAD_MANIFESTS = {  # repository name -> what its manifest request answers
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                    "digest": "sha256:../../../../../escaped", "size": 2}, "layers": []}).encode(),
     "over-4mib": valid_manifest(4 * MiB + 1),
+    "size-over-int64": json.dumps({  # was a raw OverflowError
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + "a" * 64, "size": 10 ** 30}, "layers": []}).encode(),
 }
 
 
@@ -408,6 +412,8 @@ async def test_bad_manifest_is_bad_input(fake_registry: MakeFakeRegistry, cli: C
         line = assert_one_line_error(result, 2)
         if case == "over-4mib":
             assert "4 MiB" in line, line
+        if case == "size-over-int64":
+            assert "invalid size" in line, line
         assert not (tmp_path / case).exists(), case
     assert not (tmp_path / "escaped").exists()
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from blobflow.config import parse_size
+from blobflow.config import EngineConfig, parse_size
 from blobflow.errors import BadInputError, BlobflowError, InvalidDigestError, InvalidReferenceError
 from blobflow.types import Digest, Reference
 
@@ -300,6 +300,24 @@ def test_parse_size_raises_only_bad_input(text: str) -> None:
     except BadInputError:
         return
     assert isinstance(size, int) and size >= 0
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("concurrency", 1.5), ("concurrency", True), ("part_size", 0), ("retries", -1), ("max_layer_size", -1),
+    ("max_layer_size", "10GB"), ("chunk_size", 0), ("read_timeout", -5), ("read_timeout", 0),
+    ("connect_timeout", float("nan")), ("backoff_cap", float("inf")), ("backoff_base", -1), ("state_dir", 123),
+])
+def test_engine_config_refuses_values_that_mean_nothing(name: str, value: object) -> None:
+    """The CLI's flags are checked as they are parsed; the API's EngineConfig was not: concurrency
+    1.5 broke the scheduler mid-job, a negative read timeout timed out every request, "10GB" as a
+    size was a TypeError at the first upload."""
+    with pytest.raises(BadInputError, match=name.replace("_", "-")):
+        EngineConfig(**{name: value})  # type: ignore[arg-type]
+
+
+def test_engine_config_takes_what_means_something() -> None:
+    EngineConfig(concurrency=1, retries=0, backoff_base=0, read_timeout=0.5, max_layer_size=10 ** 10,
+                 chunk_size=None, state_dir="/tmp/x", socket_buffer=0, monolithic_threshold=0)
 
 
 def test_errors_are_blobflow_errors() -> None:
