@@ -61,13 +61,26 @@ class Platform:
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     def matches(self, spec: Mapping[str, Any] | None) -> bool:
+        """An index entry's (or a config's) platform is this one: same os and architecture, and the
+        same variant when one is asked, where an architecture's default variant and none are one
+        (linux/arm64/v8 is linux/arm64, as docker and containerd match it)."""
         spec = spec or {}
-        return (spec.get("os") == self.os and spec.get("architecture") == self.architecture
-                and (self.variant is None or spec.get("variant") == self.variant))
+        arch = _ARCH_ALIASES.get(self.architecture, self.architecture)
+        theirs = _ARCH_ALIASES.get(str(spec.get("architecture")), spec.get("architecture"))
+        return (spec.get("os") == self.os and theirs == arch
+                and (self.variant is None or _variant(arch, spec.get("variant")) == _variant(arch, self.variant)))
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
+
+
+_ARCH_ALIASES = {"aarch64": "arm64", "x86_64": "amd64", "x86-64": "amd64"}
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
+
+
+def _variant(arch: str, variant: Any) -> str | None:
+    return (str(variant) if variant else None) or _DEFAULT_VARIANT.get(arch)
 
 
 async def _not_a_blob(src: RegistryEnd, ref: Reference, e: RegistryError) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from blobflow.config import EngineConfig, parse_size
 from blobflow.errors import BadInputError, BlobflowError, InvalidDigestError, InvalidReferenceError
+from blobflow.images import Platform
 from blobflow.types import Digest, Reference
 
 H64 = "0123456789abcdef" * 4
@@ -323,3 +324,20 @@ def test_engine_config_takes_what_means_something() -> None:
 def test_errors_are_blobflow_errors() -> None:
     for cls in (InvalidReferenceError, InvalidDigestError):
         assert issubclass(cls, BadInputError) and issubclass(cls, BlobflowError) and issubclass(cls, ValueError)
+
+
+@pytest.mark.parametrize(("asked", "entry", "match"), [
+    ("linux/arm64/v8", {"os": "linux", "architecture": "arm64"}, True),  # docker reports arm64/v8
+    ("linux/arm64", {"os": "linux", "architecture": "arm64", "variant": "v8"}, True),
+    ("linux/arm64/v8", {"os": "linux", "architecture": "aarch64"}, True),
+    ("linux/arm/v7", {"os": "linux", "architecture": "arm"}, True),
+    ("linux/amd64", {"os": "linux", "architecture": "x86_64"}, True),
+    ("linux/arm/v6", {"os": "linux", "architecture": "arm", "variant": "v7"}, False),
+    ("linux/arm64/v8", {"os": "linux", "architecture": "arm64", "variant": "v9"}, False),
+    ("linux/arm64", {"os": "windows", "architecture": "arm64"}, False),
+    ("linux/amd64", None, False),
+])
+def test_a_platform_matches_as_docker_matches_it(asked: str, entry: dict[str, str] | None, match: bool) -> None:
+    """`--platform linux/arm64/v8` (what docker reports for arm64 hosts) found no image in an index
+    whose arm64 entry names no variant."""
+    assert Platform.parse(asked).matches(entry) is match
