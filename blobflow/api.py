@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -96,12 +96,12 @@ class Client:
         return None
 
     @contextlib.asynccontextmanager
-    async def _job(self) -> AsyncIterator[Context]:
+    async def _job(self, *, rate_hosts: Collection[str] | None = None) -> AsyncIterator[Context]:
         cfg = self.config
         pool = RegistryPool(connections_per_host=cfg.connections_per_host,
                             connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
                             plain_http=cfg.plain_http, ca_file=cfg.ca_file, insecure=cfg.insecure,
-                            credentials=self._credentials, rate=cfg.rate)
+                            credentials=self._credentials, rate=cfg.rate, rate_hosts=rate_hosts)
         async with pool, Scheduler(cfg.concurrency) as sched:
             yield Context(cfg, pool, sched, self.listener, Stats())
 
@@ -189,7 +189,8 @@ class Client:
             raise BadInputError(f"invalid shard {shard!r}: expected (I, N) with 0 <= I < N, e.g. (0, 4)")
         if not isinstance(plan, MirrorPlan):
             plan = load_plan(plan)
-        async with self._job() as ctx:
+        # config.rate limits the plan's sources only, not the destinations the mirror writes to
+        async with self._job(rate_hosts={e.source.registry for e in plan.entries}) as ctx:
             return await run_mirror(ctx, plan, self._registry_end, shard=shard, dry_run=dry_run,
                                     convert=Codec.parse(recompress) if recompress else None)
 

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take a deterministic share of the plan (for N machines; 0 <= I < N)")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of every image")
     p.add_argument("--rate", type=_rate, metavar="N",
-                   help="at most N requests per second to each registry host (0: no limit)")
+                   help="at most N requests per second to each source registry host (0: no limit)")
     p.add_argument("--recompress", metavar="zstd[:LEVEL]", type=_codec,
                    help="recompress tar layers while they stream (overrides the plan's defaults.recompress)")
     _common(p)

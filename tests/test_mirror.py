@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import re
 import signal
@@ -489,3 +490,30 @@ async def test_mirror_reports_the_pull_quota_a_registry_tells_and_stops_when_it_
     assert code == 1, out + err
     assert f"the pull quota of {spent.host} is spent (0 of 100 per 6 h)" in err, err
     assert spent.counters["status:429"] == 1  # asked once, not five times more
+
+
+async def test_the_rate_limits_the_sources_and_not_the_destination(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path,
+) -> None:
+    """--rate is politeness owed to the registries one mirrors from. It also spaced every request
+    to one's own destination, which slowed the mirror for nothing."""
+    src = tmp_path / "src"
+    build_image(src, "1.0", [16 * KiB, 16 * KiB], seed=66)
+    await blobflow.Client().push(src, f"{registry.host}/lib/rated:1.0")
+    seen: dict[str, list[float]] = {"source": [], "destination": []}
+
+    def stamp(side: str) -> Faults:
+        return Faults(match=lambda r: seen[side].append(time.monotonic()) is None and False)
+
+    source, destination = await proxy(registry, stamp("source")), await proxy(registry2, stamp("destination"))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[mirror]]\nsource = "{source.host}/lib/rated"\ndestination = "{destination.host}/m/rated"\n'
+                    'tags = ["1.0"]\n')
+    code, out, err = await _mirror(plan, "--rate", "4", "--state-dir", str(tmp_path / "state"))
+    assert code == 0, out + err
+
+    def gaps(times: list[float]) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    assert len(seen["source"]) >= 3 and min(gaps(seen["source"])) >= 0.2  # 4 per second
+    assert len(seen["destination"]) >= 5 and min(gaps(seen["destination"])) < 0.1

@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -512,8 +512,12 @@ class RegistryPool:
 
     def __init__(self, *, connections_per_host: int, connect_timeout: float, read_timeout: float,
                  plain_http: bool = False, ca_file: str | None = None, insecure: bool = False,
-                 credentials: dict[str, Credentials] | None = None, rate: float | None = None) -> None:
+                 credentials: dict[str, Credentials] | None = None, rate: float | None = None,
+                 rate_hosts: Collection[str] | None = None) -> None:
+        """``rate``: requests per second to each registry, or to each of ``rate_hosts`` only (a
+        mirror's sources: politeness is owed to them, not to one's own destination)."""
         self._rate = rate
+        self._rate_hosts = rate_hosts
         self._opts = dict(connections_per_host=connections_per_host, connect_timeout=connect_timeout,
                           read_timeout=read_timeout, ca_file=ca_file, insecure=insecure)
         self._plain_http = plain_http
@@ -540,7 +544,8 @@ class RegistryPool:
             creds = find_credentials(registry) if given is None else given
             self._clients[registry] = RegistryClient(self._session, registry, endpoint, credentials=creds,
                                                      plain_http=self._plain_http, loopback=loopback,
-                                                     rate=self._rate)
+                                                     rate=self._rate if self._rate_hosts is None
+                                                     or registry in self._rate_hosts else None)
         return self._clients[registry]
 
     @property
