@@ -516,7 +516,7 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
         if not args.quiet:
             moved = sum(i.bytes for i in result.images)
             verb = "would move" if args.dry_run else "moved"
-            print(f"mirror shard {result.shard}: {len(result.images)} images, "
+            print(f"mirror shard {result.shard}: {len(result.images)} image{'s' * (len(result.images) != 1)}, "
                   f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "
                   f"{verb} {moved / 1e6:.1f} MB in {result.seconds:.2f} s; requests: "
                   + ", ".join(f"{h} {n}" for h, n in sorted(result.requests.items()))
@@ -540,6 +540,34 @@ def _renderer(args: argparse.Namespace) -> Renderer:
 
         return RichRenderer(verbose=verbose, quiet=quiet, out=out)
     return LogRenderer(verbose=verbose, quiet=quiet, out=out)
+
+
+_REFERENCE_ARGS = {  # command -> (its image arguments, its path argument that must exist, its usage)
+    "pull": (("image",), None, "blobflow pull IMAGE DIR"),
+    "push": (("image",), "directory", "blobflow push DIR IMAGE"),
+    "copy": (("source", "destination"), None, "blobflow copy SRC-IMAGE DST-IMAGE"),
+    "blob get": (("image",), None, "blobflow blob get IMAGE@DIGEST FILE"),
+    "blob put": (("repository",), "file", "blobflow blob put FILE REPO"),
+}
+
+
+def _check_reference_args(args: argparse.Namespace) -> None:
+    """A path where an image belongs (`push IMAGE DIR`, the arguments swapped) was "invalid
+    reference './lay': bad registry host '.'", or "cannot read 127.0.0.1:5000/app": say it is a
+    path and how the command is ordered, before anything else is tried."""
+    command = " ".join(filter(None, (args.command, getattr(args, "blob_command", None))))
+    names, source, usage = _REFERENCE_ARGS.get(command, ((), None, ""))
+    for name in names:
+        text = getattr(args, name)
+        try:
+            Reference.parse(text)
+        except BadInputError as e:
+            if text.startswith(("/", "./", "../", "~")) or os.path.exists(text):
+                raise BadInputError(f"{e}; {text!r} is a path: {usage}") from None
+            raise
+        if source and getattr(args, source) != "-" and not os.path.exists(getattr(args, source)) \
+                and os.path.exists(text):
+            raise BadInputError(f"{getattr(args, source)!r} does not exist, and {text!r} is a path: {usage}")
 
 
 def _blob_via_stdio(args: argparse.Namespace) -> bool:
@@ -609,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "can read and change what is sent, credentials included", file=sys.stderr)
     try:
         _check_stdio(args)
+        _check_reference_args(args)
         config = _config(args)
         if args.command == "login":
             # asked before the event loop starts: Ctrl-C at the prompt ends the command at once

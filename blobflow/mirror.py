@@ -203,6 +203,9 @@ def load_plan(path: Path | str) -> MirrorPlan:
     except UnicodeDecodeError:
         raise BadInputError(f"plan {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
+        if path.suffix in (".yaml", ".yml"):  # PRODUCT.md names both; blobflow reads TOML (README: mirror)
+            raise BadInputError(f"plan {path}: plans are TOML ([[mirror]] tables, see the README), "
+                                f"not YAML ({e})") from None
         raise BadInputError(f"plan {path} is not valid TOML: {e}") from None
     return parse_plan(data, origin=str(path))
 

@@ -728,3 +728,28 @@ async def test_push_to_a_registry_that_takes_no_pushes_says_so(registry: LocalRe
     assert "takes no POST here (it allows GET, HEAD)" in line and "read-only" in line, line
     line = assert_one_line_error(results["pull-through"], 1)
     assert "UNSUPPORTED" in line and "takes no POST here: it may be read-only, or a pull-through cache" in line, line
+
+
+async def test_a_path_where_an_image_belongs_says_how_the_command_is_ordered(
+        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`push IMAGE DIR`, arguments swapped, said only "invalid reference './lay': bad registry
+    host '.'". And a YAML plan (PRODUCT.md names YAML and TOML) said only that it is no TOML."""
+    (tmp_path / "lay").mkdir()
+    (tmp_path / "layer.tgz").write_bytes(b"x")
+    (tmp_path / "plan.yaml").write_text("mirror:\n  - source: a\n    destination: b\n")
+    monkeypatch.chdir(tmp_path)
+    results = await run_table(cli, {
+        "push": ["push", "127.0.0.1:9/app:1.0", "./lay"],
+        "pull": ["pull", "./lay", "127.0.0.1:9/app:1.0"],
+        "blob put": ["blob", "put", "127.0.0.1:9/app", "layer.tgz"],
+        "copy": ["copy", str(tmp_path / "lay"), "127.0.0.1:9/app:1.0"],
+        "yaml": ["mirror", "plan.yaml"],
+    })
+    usage = {"push": "blobflow push DIR IMAGE", "pull": "blobflow pull IMAGE DIR",
+             "blob put": "blobflow blob put FILE REPO", "copy": "blobflow copy SRC-IMAGE DST-IMAGE"}
+    for name, result in results.items():
+        line = assert_one_line_error(result, 2)
+        if name == "yaml":
+            assert "plans are TOML ([[mirror]] tables, see the README), not YAML" in line, line
+        else:
+            assert line.endswith(f"is a path: {usage[name]}"), (name, line)
