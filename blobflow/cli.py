@@ -492,7 +492,7 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
         client.config = dataclasses.replace(client.config, rate=rate)
     result = await client.mirror(plan, shard=shard, dry_run=args.dry_run, recompress=args.recompress)
     images = [dataclasses.asdict(i) for i in result.images]
-    report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds,
+    report: dict[str, Any] = {"shard": result.shard, "seconds": result.seconds, "bytes": result.bytes,
                               "requests_per_host": result.requests, "throttled_per_host": result.throttled,
                               "quota_per_host": {h: q.to_json() for h, q in result.quota.items()},
                               "images": images}
@@ -514,7 +514,7 @@ async def _mirror(args: argparse.Namespace, client: Client, render: Renderer) ->
                              + (f", {i.shared} shared)" if i.shared else ")"))
                 print(line)
         if not args.quiet:
-            moved = sum(i.bytes for i in result.images)
+            moved = sum(i.bytes for i in result.images) if args.dry_run else result.bytes
             verb = "would move" if args.dry_run else "moved"
             print(f"mirror shard {result.shard}: {len(result.images)} image{'s' * (len(result.images) != 1)}, "
                   f"{sum(i.status == 'up to date' for i in result.images)} up to date, {len(failed)} failed; "

@@ -98,6 +98,9 @@ class MirrorResult:
     quota: dict[str, Quota] = field(default_factory=dict)  # pull quota left, where a host says
     seconds: float = 0.0
     shard: str = "0/1"
+    # blob bytes the job moved: also those of images that failed after some of their blobs
+    # landed (an image's own ``bytes`` counts only when it was copied whole)
+    bytes: int = 0
 
     @property
     def failed(self) -> list[ImageReport]:
@@ -347,5 +350,6 @@ async def run_mirror(ctx: Context, plan: MirrorPlan, end: Any, *, shard: tuple[i
     result.requests = {name: c.requests for name, c in ctx.pool.clients.items()}
     result.throttled = {name: c.gate.throttles for name, c in ctx.pool.clients.items()}
     result.quota = {name: c.quota for name, c in ctx.pool.clients.items() if c.quota is not None}
+    result.bytes = ctx.stats.bytes
     result.seconds = round(time.monotonic() - started, 3)
     return result

@@ -517,3 +517,26 @@ async def test_the_rate_limits_the_sources_and_not_the_destination(
 
     assert len(seen["source"]) >= 3 and min(gaps(seen["source"])) >= 0.2  # 4 per second
     assert len(seen["destination"]) >= 5 and min(gaps(seen["destination"])) < 0.1
+
+
+async def test_bytes_an_image_moved_before_it_failed_are_in_the_totals(
+    registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path,
+) -> None:
+    """An image that failed after some of its blobs landed said bytes 0, and so did the summary's
+    "moved 0.0 MB", while megabytes had crossed (found counting at the registry)."""
+    src = tmp_path / "src"
+    desc = build_image(src, "1.0", [64 * KiB, 32 * KiB], seed=67)
+    manifest = json.loads((src / "blobs" / "sha256" / desc.digest.hex).read_bytes())
+    config, kept, lost = manifest["config"], manifest["layers"][0], manifest["layers"][1]
+    await blobflow.Client().push(src, f"{registry.host}/lib/half:1.0")
+    front = await proxy(registry, Faults(status={404: 1.0}, latency=0.5, match=lambda r: r.method == "GET"
+                                         and r.path.endswith(lost["digest"])))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[[mirror]]\nsource = "{front.host}/lib/half"\ndestination = "{registry2.host}/m/half"\n'
+                    'tags = ["1.0"]\n')
+    code, out, err = await _mirror(plan, "--report", str(tmp_path / "r.json"), "--state-dir", str(tmp_path / "state"))
+    assert code == 1, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["images"][0]["status"] == "failed"
+    assert report["bytes"] == config["size"] + kept["size"]
+    assert f"moved {report['bytes'] / 1e6:.1f} MB" in out
