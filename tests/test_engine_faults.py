@@ -221,9 +221,14 @@ async def test_a_source_blob_that_always_fails_is_asked_retries_plus_one_times(
     repo, layer = pushed
     front = await proxy(registry, Faults(status={500: 1.0}, match=lambda r: r.method == "GET"
                                          and r.path.endswith(str(layer.digest))))
+    events: list[blobflow.Event] = []
     with pytest.raises(blobflow.RegistryError, match="500"):
-        await blobflow.Client(ranged_config(retries=2)).copy(f"{front.host}/{repo}:v1", f"{registry2.host}/copied:v1")
+        await blobflow.Client(ranged_config(retries=2), listener=events.append).copy(
+            f"{front.host}/{repo}:v1", f"{registry2.host}/copied:v1")
     assert blob_gets(front.log, repo, layer) == [500] * 3
+    # the failed event says why (its detail was empty)
+    failed = [e.detail for e in events if e.kind == "failed" and e.digest == layer.digest.short]
+    assert len(failed) == 1 and "500" in failed[0], failed
 
 
 @pytest.mark.parametrize("mode", ["push", "copy"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 
 from ..errors import BadInputError, BlobflowError
@@ -91,8 +92,10 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[st
     try:
         await retrying(ctx, str(dst), attempt, digest=digest,
                        progress=lambda: mover.progress if mover is not None else 0)
-    except BaseException:
-        ctx.emit(Event("failed", digest, size=desc.size, target=str(dst)))
+    except BaseException as e:
+        # why, for a --json reader or a listener: cancelled when another failure ended the job
+        ctx.emit(Event("failed", digest, size=desc.size, target=str(dst),
+                       detail="cancelled" if isinstance(e, asyncio.CancelledError) else str(e) or type(e).__name__))
         raise
     finally:
         if mover is not None:

@@ -117,8 +117,10 @@ async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descript
 
     try:
         new = await retrying(ctx, str(dst), attempt, digest=short, progress=lambda: done)
-    except BaseException:
-        ctx.emit(Event("failed", short, size=desc.size, target=str(dst)))
+    except BaseException as e:
+        # why, for a --json reader or a listener: cancelled when another failure ended the job
+        ctx.emit(Event("failed", short, size=desc.size, target=str(dst),
+                       detail="cancelled" if isinstance(e, asyncio.CancelledError) else str(e) or type(e).__name__))
         raise
     ctx.remember(dst.client.registry, new.digest, dst.repository)
     return new
