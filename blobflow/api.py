@@ -118,6 +118,8 @@ class Client:
     # -- images ----------------------------------------------------------------------------
     async def pull(self, image: str | Reference, directory: str | Path, *, platform: str | None = None) -> Result:
         ref = Reference.parse(image)
+        if not str(directory):  # "" is the current directory to the OS: a layout strewn among its files
+            raise BadInputError("pull: the layout directory is an empty string; give a path")
         plat = Platform.parse(platform) if platform else None
         started = time.monotonic()
         created = not os.path.exists(directory)  # noqa: ASYNC240 - one stat, before any I/O starts

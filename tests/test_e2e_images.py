@@ -247,6 +247,8 @@ async def test_the_api_takes_reference_objects_and_refuses_credentials_it_cannot
         await client.push(src, ref)
         await client.pull(ref, tmp_path / "out")
         assert (await client.inspect(ref)).digest == desc.digest
+        with pytest.raises(blobflow.BadInputError, match="empty string"):  # was a layout in the current directory
+            await client.pull(ref, "")
     assert check_layout(tmp_path / "out").tags == {"v1": str(desc.digest)}
     with pytest.raises(blobflow.BadInputError, match=f"credentials for {registry.host}: give blobflow.Credentials"):
         blobflow.Client(credentials={registry.host: ("alice", "pw")})  # type: ignore[dict-item]
