@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable
 
 from ..errors import BadInputError, BlobflowError
 from ..progress import Event
 from ..registry import Upload
 from ..types import Descriptor
-from .base import Context, Outcome, retrying
+from .base import Context, Outcome, failure, retrying
 from .copy import registry_opener
 from .download import Download
 from .ends import End, FileEnd, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, StreamEnd
@@ -93,9 +92,7 @@ async def _place(ctx: Context, src: End, dst: End, desc: Descriptor) -> tuple[st
         await retrying(ctx, str(dst), attempt, digest=digest,
                        progress=lambda: mover.progress if mover is not None else 0)
     except BaseException as e:
-        # why, for a --json reader or a listener: cancelled when another failure ended the job
-        ctx.emit(Event("failed", digest, size=desc.size, target=str(dst),
-                       detail="cancelled" if isinstance(e, asyncio.CancelledError) else str(e) or type(e).__name__))
+        ctx.emit(Event("failed", digest, size=desc.size, target=str(dst), detail=failure(e)))
         raise
     finally:
         if mover is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
@@ -15,7 +16,7 @@ from ..retry import with_retries
 from ..scheduler import Scheduler
 from ..types import Digest
 
-__all__ = ["Context", "Outcome", "retrying"]
+__all__ = ["Context", "Outcome", "failure", "retrying"]
 
 T = TypeVar("T")
 
@@ -85,6 +86,12 @@ class Context:
             repos.append(repository)
         if written:
             self.journal.locations.add(registry, digest, repository)
+
+
+def failure(e: BaseException) -> str:
+    """What a blob's failed event says, for a --json reader or a listener: the error, or
+    "cancelled" when another failure ended the job."""
+    return "cancelled" if isinstance(e, asyncio.CancelledError) else str(e) or type(e).__name__
 
 
 def _size(n: int) -> str:

@@ -28,7 +28,7 @@ from ..codec import DOCKER_TO_OCI, Codec, CorruptStreamError, Recoder, compressi
 from ..errors import BlobflowError, DigestMismatchError, ManifestError, TransferError
 from ..progress import Event
 from ..types import Descriptor, Digest
-from .base import Context, Outcome, retrying
+from .base import Context, Outcome, failure, retrying
 from .copy import registry_opener
 from .ends import ImageEnd, LayoutEnd, RawManifest, RegistryEnd
 from .upload import Opener, file_opener
@@ -118,9 +118,7 @@ async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descript
     try:
         new = await retrying(ctx, str(dst), attempt, digest=short, progress=lambda: done)
     except BaseException as e:
-        # why, for a --json reader or a listener: cancelled when another failure ended the job
-        ctx.emit(Event("failed", short, size=desc.size, target=str(dst),
-                       detail="cancelled" if isinstance(e, asyncio.CancelledError) else str(e) or type(e).__name__))
+        ctx.emit(Event("failed", short, size=desc.size, target=str(dst), detail=failure(e)))
         raise
     ctx.remember(dst.client.registry, new.digest, dst.repository)
     return new
