@@ -286,7 +286,9 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
         ctx.emit(Event("info", target=str(dst), n=len(converted), detail=(
             f"{src_ref or src!s}: {len(converted)} layer(s) converted to {convert}, "
             f"{len(kept)} copied as they are")))
-        root = _stamped(root, source_digest, convert, wanted, expect, where)
+        # one platform of an index, converted: stamped as that platform, or a later conversion of
+        # the whole index took it for done and left the tag with that one platform
+        root = _stamped(root, source_digest, convert, wanted or ([platform] if platform else None), expect, where)
     try:
         for m in below:
             await retrying(ctx, str(dst), functools.partial(dst.store_manifest, m, None))

@@ -177,6 +177,26 @@ async def test_copy_recompress_zstd_of_an_index(registry: LocalRegistry, registr
             assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff
 
 
+async def test_one_platform_converted_is_not_taken_for_the_whole_index_converted(
+        registry: LocalRegistry, registry2: LocalRegistry, repo_name: str, tmp_path: Path) -> None:
+    """copy --recompress --platform linux/amd64, then copy --recompress of the whole index: the
+    first root was stamped only "converted from the index", as a whole conversion is, so the
+    second said "nothing to copy" and the tag kept one platform (found by a helper)."""
+    src = tmp_path / "src"
+    build_image(src, "v1", [32 * KiB], seed=68, platforms=["linux/amd64", "linux/arm64"])
+    await blobflow.Client().push(src, f"{registry.host}/{repo_name}:v1")
+    source, dest = f"{registry.host}/{repo_name}:v1", f"{registry2.host}/{repo_name}:v1"
+    client = blobflow.Client()
+    await client.copy(source, dest, platform="linux/amd64", recompress="zstd")
+    assert not (await client.inspect(dest)).is_index
+
+    await client.copy(source, dest, recompress="zstd")
+
+    index = await client.inspect(dest)
+    assert index.is_index and sorted(c.platform["architecture"] for c in index.children() if c.platform) == [
+        "amd64", "arm64"]
+
+
 async def test_recompressed_attestations_stay_attached_to_their_images(
     registry: LocalRegistry, registry2: LocalRegistry, repo_name: str, tmp_path: Path
 ) -> None:
