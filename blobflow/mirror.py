@@ -170,12 +170,17 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
         if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
             raise BadInputError(f"{what}: tags must be a list of strings")
         newest = raw.get("newest")
-        if newest is not None and (not isinstance(newest, int) or newest < 1):
+        if newest is not None and (not isinstance(newest, int) or isinstance(newest, bool) or newest < 1):
             raise BadInputError(f"{what}: newest must be a whole number of at least 1")
+        filters = [k for k in ("include", "exclude", "newest") if raw.get(k) is not None]
+        if tags is not None and filters:  # they were ignored: the tags listed were mirrored whatever they said
+            raise BadInputError(f"{what}: {', '.join(filters)} select among a repository's tags; with tags "
+                                f"(or a tag in source) the tags are given: use one or the other")
         entries.append(MirrorEntry(
             source.with_tag(None), destination.with_tag(None), tuple(tags) if tags is not None else None,
             _patterns(raw.get("include"), f"{what}: include"), _patterns(raw.get("exclude"), f"{what}: exclude"),
             newest, _platforms(raw.get("platforms", defaults.get("platforms")), f"{what}: platforms")))
+    _check_overlaps(entries, origin)
     concurrency = defaults.get("concurrency")
     rate = defaults.get("rate")
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
@@ -191,6 +196,21 @@ def parse_plan(data: dict[str, Any], *, origin: str = "plan") -> MirrorPlan:
     except BadInputError as e:
         raise BadInputError(f"{origin}: defaults.recompress: {e}") from None
     return MirrorPlan(tuple(entries), concurrency, float(rate) if rate is not None else None, codec)
+
+
+def _check_overlaps(entries: Sequence[MirrorEntry], origin: str) -> None:
+    """Two entries that may write one destination tag: each run, the last to finish wins, so the
+    tag flips between two images and every run reports both done (found with two sources into one
+    destination). Entries that name their tags may share a repository when no tag is in both."""
+    for i, a in enumerate(entries, 1):
+        for j, b in enumerate(entries[i:], i + 1):
+            if str(a.destination) != str(b.destination):
+                continue
+            if a.tags is None or b.tags is None or set(a.tags) & set(b.tags):
+                both = sorted(set(a.tags) & set(b.tags)) if a.tags is not None and b.tags is not None else []
+                raise BadInputError(f"{origin}: mirror entries {i} and {j} both write {a.destination}"
+                                    + (f" (tags {', '.join(both)})" if both else "")
+                                    + "; each run would overwrite the other's images")
 
 
 def load_plan(path: Path | str) -> MirrorPlan:
@@ -219,10 +239,13 @@ _PRE_RELEASE = re.compile(r"[-._~]*(alpha|beta|rc|pre|preview|dev|snapshot|night
 def _version_key(tag: str) -> tuple[tuple[int, int | str], ...]:
     """Version order: numbers compare as numbers (1.9 < 1.10, 3.20 > 3.9); a pre-release comes
     before its release (1.10.0-rc1 < 1.10.0, 1.22rc1 < 1.22.0) and a variant after it (3.20 <
-    3.20-alpine < 3.20.1); a leading ``v`` is no text (v2.0 > 1.10); a tag that does not start
+    3.20-alpine < 3.20.1); trailing zero parts are none (2.0 is 2.0.0, so 2.0.0-beta1 < 2.0);
+    a leading ``v`` is no text (v2.0 > 1.10); a tag that does not start
     with a number (latest, bookworm) is no version and comes before every one, so ``newest``
     picks versions. The tag itself breaks ties (1.0 against v1.0)."""
     body = tag[1:] if re.match(r"v\d", tag) else tag
+    if core := re.match(r"\d+(?:\.\d+)*", body):  # 2.0 is 2.0.0: trailing zero parts say nothing
+        body = re.sub(r"(?:\.0+)+$", "", core.group()) + body[core.end():]
     key: list[tuple[int, int | str]] = [(1 if body[:1].isdigit() else 0, "")]
     for part in re.findall(r"\d+|\D+", body):
         if part.isdigit():

@@ -54,6 +54,8 @@ def test_select_tags_filters_then_keeps_the_newest_by_version_order() -> None:
     # names are no versions: newest picks versions while there are (was: latest and bookworm the newest)
     (["latest", "bookworm", "12.5", "12.6", "11.9"], ["11.9", "12.5", "12.6"]),
     (["latest", "stable", "1.0"], ["latest", "stable", "1.0"]),
+    # 2.0 is the 2.0.0 release (was: 2.0.0-beta1 and 1.10.0-rc1 picked over 2.0 and 1.10)
+    (["1.9", "2.0", "2.0.0-beta1", "1.10.0-rc1", "1.10"], ["1.10", "2.0.0-beta1", "2.0"]),
 ])
 def test_newest_by_version_order(tags: list[str], newest: list[str]) -> None:
     assert select_tags(tags, _entry(newest=3)) == newest
@@ -86,6 +88,17 @@ async def test_the_api_refuses_a_shard_no_image_is_in() -> None:
     ({"mirror": [{"source": "a", "destination": "b", "colour": "red"}]}, "unknown key"),
     ({"defaults": {"platform": ["linux/amd64"], "rates": 2}, "mirror": [{"source": "a", "destination": "b"}]},
      "\\[defaults\\]: unknown key\\(s\\) platform, rates"),
+    # filters that were ignored beside the tags they select from
+    ({"mirror": [{"source": "a", "destination": "b", "tags": ["1.10", "latest"], "newest": 1,
+                  "include": ["^nomatch$"]}]}, "include, newest select among a repository's tags"),
+    ({"mirror": [{"source": "a:latest", "destination": "b", "exclude": ["latest"]}]}, "exclude select among"),
+    ({"mirror": [{"source": "a", "destination": "b", "newest": True}]}, "newest must be a whole number"),
+    # two sources into one destination: the tag flipped between them at every run
+    ({"mirror": [{"source": "a", "destination": "b"}, {"source": "c", "destination": "b"}]},
+     "entries 1 and 2 both write docker.io/library/b"),
+    ({"mirror": [{"source": "a", "destination": "b", "tags": ["1", "2"]},
+                 {"source": "c", "destination": "b", "tags": ["2", "3"]}]},
+     "entries 1 and 2 both write .* \\(tags 2\\)"),
     ({"mirror": [{"source": "a:1", "destination": "b", "tags": ["2"]}]}, "not both"),
     ({"mirror": [{"source": "a", "destination": "b", "platforms": ["linux"]}]}, "platforms"),
     ({"mirror": [{"source": "UPPER", "destination": "b"}]}, "invalid reference"),
@@ -95,6 +108,12 @@ async def test_the_api_refuses_a_shard_no_image_is_in() -> None:
 def test_bad_plans_are_bad_input(plan: dict[str, object], message: str) -> None:
     with pytest.raises(BadInputError, match=message):
         parse_plan(plan)
+
+
+def test_entries_may_share_a_destination_repository_with_tags_of_their_own() -> None:
+    plan = parse_plan({"mirror": [{"source": "a", "destination": "b", "tags": ["1"]},
+                                  {"source": "c", "destination": "b", "tags": ["2"]}]})
+    assert [e.tags for e in plan.entries] == [("1",), ("2",)]
 
 
 async def test_a_rate_that_is_no_rate_is_bad_input(tmp_path: Path) -> None:
