@@ -119,10 +119,10 @@ async def fetch_root(src: ImageEnd, ref: Reference | str | None) -> RawManifest:
         raise
 
 
-async def _check_platform(src: ImageEnd, image: RawManifest, platform: Platform) -> None:
-    """The platform its config names (os, architecture, variant) must match: an image for another
-    platform is not taken silently. An artifact (another config type, or one naming no platform)
-    passes, its config not fetched."""
+async def _check_platform(src: ImageEnd, image: RawManifest, platforms: Sequence[Platform]) -> None:
+    """The platform its config names (os, architecture, variant) must be one of ``platforms``: an
+    image for another platform is not taken silently. An artifact (another config type, or one
+    naming no platform) passes, its config not fetched."""
     desc = Descriptor.from_json(image.doc.get("config"))
     if desc.media_type not in (MEDIA_OCI_CONFIG, MEDIA_DOCKER_CONFIG):
         return
@@ -132,9 +132,10 @@ async def _check_platform(src: ImageEnd, image: RawManifest, platform: Platform)
         return
     if not isinstance(config, dict) or not config.get("os") or not config.get("architecture"):
         return
-    if not platform.matches(config):
+    if not any(p.matches(config) for p in platforms):
         its = Platform(str(config["os"]), str(config["architecture"]), config.get("variant") or None)
-        raise NotFoundError(f"no {platform} image: {image.digest.short} is one image (no index), for {its}")
+        raise NotFoundError(f"no {', '.join(map(str, platforms))} image: {image.digest.short} is one image "
+                            f"(no index), for {its}")
 
 
 async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, depth: int = 0, *,
@@ -144,11 +145,12 @@ async def collect(src: ImageEnd, root: RawManifest, platform: Platform | None, d
     With ``platform``, the root becomes that platform's manifest (as skopeo and crane do). With
     ``platforms``, an index keeps only the children of those platforms: when that is all of them
     the index is kept as it is (same digest), else a new index of the chosen children is written.
-    A single image asked for by ``platform`` must be of it, as ``docker pull --platform`` checks.
+    A single image asked for by ``platform`` must be of it, as ``docker pull --platform`` checks;
+    with ``platforms`` (a mirror plan's), of one of them, as an index must hold one.
     """
     if not root.is_index:
-        if platform is not None and depth == 0:
-            await _check_platform(src, root, platform)
+        if depth == 0 and (platform is not None or platforms is not None):
+            await _check_platform(src, root, [platform] if platform is not None else platforms or [])
         return root, [root]
     if depth > 1:
         raise ManifestError(f"index {root.digest.short} nests indexes too deeply")

@@ -559,3 +559,26 @@ async def test_bytes_an_image_moved_before_it_failed_are_in_the_totals(
     assert report["images"][0]["status"] == "failed"
     assert report["bytes"] == config["size"] + kept["size"]
     assert f"moved {report['bytes'] / 1e6:.1f} MB" in out
+
+
+async def test_a_plans_platforms_hold_for_single_images_too(
+    registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path,
+) -> None:
+    """An index with none of the plan's platforms fails; a single image of another platform was
+    mirrored, and every later run called it up to date: arm64 nodes would pull amd64 bytes."""
+    src = tmp_path / "src"
+    build_image(src, "1.0", [16 * KiB], seed=69)  # one linux/amd64 image, no index
+    await blobflow.Client().push(src, f"{registry.host}/lib/one:1.0")
+    plan = tmp_path / "plan.toml"
+
+    async def mirror(platforms: str) -> tuple[int, str, str]:
+        plan.write_text(f'[[mirror]]\nsource = "{registry.host}/lib/one"\ndestination = "{registry2.host}/m/one"\n'
+                        f'tags = ["1.0"]\nplatforms = {platforms}\n')
+        return await _mirror(plan, "--state-dir", str(tmp_path / "state"))
+
+    code, out, err = await mirror('["linux/arm64", "linux/s390x"]')
+    assert code == 1 and "no linux/arm64, linux/s390x image: " in err and "for linux/amd64" in err, (out, err)
+    with pytest.raises(blobflow.NotFoundError):
+        await blobflow.Client().inspect(f"{registry2.host}/m/one:1.0")
+    code, out, err = await mirror('["linux/amd64"]')
+    assert code == 0 and "copied" in out, (out, err)
