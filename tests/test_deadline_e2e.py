@@ -212,6 +212,23 @@ async def test_per_request_window_pushes_a_large_layer_in_short_requests(
     assert untracked.counters["request_window_cuts"] >= 1
 
 
+async def test_per_request_chunks_grow_once_the_rate_is_measured(
+        registry: LocalRegistry, proxy: MakeProxy, repo_name: str, tmp_path: Path) -> None:
+    """Each request's body is sized to a quarter of its window at the measured rate, a 256 KiB
+    probe before any rate is known. The size was read once, before the first chunk: every chunk
+    of the blob stayed a probe (81 PATCHes for 20 MiB where 8 would do; 40,000 for 10 GB)."""
+    request_window, size = 4.0, 6 * MB
+    src = tmp_path / "src"
+    build_image(src, "v1", [size], seed=14)
+    fault_proxy = await proxy(registry, Faults(bandwidth=B, request_window=request_window, recv_buffer=64 * KiB))
+    await blobflow.Client(windowed_config(request_window, window_scope="request")).push(
+        src, f"{fault_proxy.host}/{repo_name}:v1")
+    assert fault_proxy.counters["request_window_cuts"] == 0
+    probes = size / (256 * KiB)  # 23
+    assert fault_proxy.counters["requests:PATCH"] < probes / 2
+    assert await head_blob(registry, repo_name, layers_of(src)[0]) == 200
+
+
 # -- the size limit -------------------------------------------------------------------------------
 
 async def test_a_layer_over_the_size_limit_is_refused_before_any_request(

@@ -20,7 +20,7 @@ from ..config import RegistryLimits
 from ..deadline import UploadTicket
 from ..errors import BlobflowError, DigestMismatchError, NotFoundError, RegistryError, TransferError
 from ..layout import name_os_errors
-from ..plan import Strategy, choose_upload, refused_body_limit
+from ..plan import Strategy, UploadPlan, choose_upload, refused_body_limit
 from ..progress import Event
 from ..registry import Upload
 from ..retry import MAX_ATTEMPTS_FACTOR, backoff_delay
@@ -147,12 +147,7 @@ class Push:
         refused a request as too large: the limit is learned (in the job's Context) and nothing is
         committed; the caller asks the registry for its offset and calls again."""
         client, desc = self.dst.client, self.desc
-        chunk_size = self.ctx.config.chunk_size
-        if self.ticket is not None and self.ticket.chunk_limit is not None:
-            chunk_size = min(chunk_size or self.ticket.chunk_limit, self.ticket.chunk_limit)
-        plan = choose_upload(desc.size, self.limits, chunk_size=chunk_size,
-                             monolithic_threshold=self.ctx.config.monolithic_threshold,
-                             min_chunk=up.min_chunk, offset=up.offset)
+        plan = self._plan(up)
         out = _Outgoing(self, up.offset)
         body, ranged = 0, False  # the request in flight: its body size, whether it has Content-Range
         try:
@@ -164,7 +159,9 @@ class Push:
                 return True
             ranged = plan.strategy is Strategy.CHUNKED
             while up.offset < desc.size:
-                body = min(plan.chunk_size, desc.size - up.offset)
+                # a per-request window sizes each chunk from the rate measured so far: read once, the
+                # first (a 256 KiB probe, no rate yet) stayed the size of every chunk of the blob
+                body = min((self._plan(up) if ranged else plan).chunk_size, desc.size - up.offset)
                 await client.upload_chunk(up, out.body(body), body, content_range=ranged)
                 self._save()
             body, ranged = 0, False
@@ -183,6 +180,14 @@ class Push:
             return False
         finally:
             await out.aclose()
+
+    def _plan(self, up: Upload) -> UploadPlan:
+        chunk_size = self.ctx.config.chunk_size
+        if self.ticket is not None and (limit := self.ticket.chunk_limit) is not None:
+            chunk_size = min(chunk_size or limit, limit)
+        return choose_upload(self.desc.size, self.limits, chunk_size=chunk_size,
+                             monolithic_threshold=self.ctx.config.monolithic_threshold,
+                             min_chunk=up.min_chunk, offset=up.offset)
 
     @property
     def limits(self) -> RegistryLimits:
