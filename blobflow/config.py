@@ -140,7 +140,10 @@ def _limit_value(path: str | Path, host: str, key: str, value: Any) -> Any:
     if key in _SIZE_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise BadInputError(f"{where}: expected a size like 10GB")
-        size = parse_size(value) if isinstance(value, str) else value
+        try:
+            size = parse_size(value) if isinstance(value, str) else value
+        except BadInputError as e:  # "invalid size 'ten'" said neither the file nor the host
+            raise BadInputError(f"{where}: {e}") from None
         if size < 1:
             raise BadInputError(f"{where}: must be positive")
         return size

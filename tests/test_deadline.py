@@ -382,8 +382,10 @@ def test_registry_limits_file_overrides_the_table_and_flags_override_the_file(tm
 def test_bad_registry_limits_files_are_bad_input(tmp_path: Path, text: str) -> None:
     path = tmp_path / "limits.toml"
     path.write_text(text)
-    with pytest.raises(BadInputError):
+    with pytest.raises(BadInputError) as caught:
         load_registry_limits(path)
+    if "x.io" in text:  # says which file and which registry ("invalid size 'lots'" said neither)
+        assert f"registry limits {path}: " in str(caught.value) and "x.io" in str(caught.value), caught.value
 
 
 @pytest.mark.parametrize("window", [0.0, -5.0, float("nan"), float("inf")])
