@@ -25,6 +25,7 @@ import blobflow
 from blobflow.codec import Codec, CorruptStreamError, Recoder, layer_compression
 from blobflow.layout import Layout
 from blobflow.localreg import LocalRegistry
+from blobflow.mirror import parse_plan
 from blobflow.synth import build_image
 from blobflow.transfer import RawManifest
 from blobflow.transfer.convert import rewrite_manifests
@@ -315,6 +316,28 @@ async def test_wrong_diff_id_aborts_the_push(registry: LocalRegistry, cli: Cli, 
     assert pushed.returncode == 1, pushed.stderr
     assert "diff_id" in pushed.stderr and "nothing of it was committed" in pushed.stderr
     assert fetch(registry, f"{repo_name}/manifests/v1", "HEAD")[0] == 404
+
+
+async def test_a_layer_converted_for_two_repositories_of_a_registry_is_sent_once(
+        registry: LocalRegistry, registry2: LocalRegistry, proxy: MakeProxy, tmp_path: Path) -> None:
+    """Identical blobs move once in a job: without conversion the second repository mounts them.
+    Converted, each repository had the layer converted and sent again (found by a helper)."""
+    build_image(tmp_path / "src", "1.0", [64 * KiB, 48 * KiB], seed=70)
+    await blobflow.Client().push(tmp_path / "src", f"{registry.host}/lib/twice:1.0")
+    dest = await proxy(registry2)
+    plan = parse_plan({"defaults": {"recompress": "zstd"}, "mirror": [
+        {"source": f"{registry.host}/lib/twice", "destination": f"{dest.host}/a/twice", "tags": ["1.0"]},
+        {"source": f"{registry.host}/lib/twice", "destination": f"{dest.host}/b/twice", "tags": ["1.0"]}]})
+
+    result = await blobflow.Client().mirror(plan)
+
+    assert not result.failed
+    assert dest.counters["requests:PATCH"] == 2  # the two converted layers, once each
+    mounts = [path for method, path, _ in dest.log if method == "POST" and "mount=" in path]
+    assert len(mounts) >= 2
+    a = await blobflow.Client().inspect(f"{dest.host}/a/twice:1.0")
+    b = await blobflow.Client().inspect(f"{dest.host}/b/twice:1.0")
+    assert a.digest == b.digest and [d.media_type for d in a.blobs()[1:]] == [ZSTD, ZSTD]
 
 
 def statuses(mirror_output: str) -> list[str]:

@@ -87,10 +87,19 @@ async def convert_layer(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Des
     """Convert ``desc`` to ``codec`` at ``dst``: the new descriptor (media type of an OCI manifest),
     and "moved", or "shared" when another image of the job converted it.
 
-    Once per destination, codec and source digest in a job; under the scheduler's concurrency.
+    Once per destination registry, codec and source digest in a job, under the scheduler's
+    concurrency: another repository of the registry mounts the converted layer from the one it
+    was sent to (each converted and sent it again, though identical blobs move once in a job).
     """
-    key = (dst.key, dst.location, "convert", str(codec), desc.digest)
-    new, ran = await ctx.scheduler.submit_first(key, desc.size, lambda: _convert(ctx, src, dst, desc, diff_id, codec))
+    from . import ensure_blob
+
+    async def convert_here() -> tuple[Descriptor, str]:
+        return await _convert(ctx, src, dst, desc, diff_id, codec), dst.location
+
+    key = (dst.key, "convert", str(codec), desc.digest)
+    (new, landed), ran = await ctx.scheduler.submit_first(key, desc.size, convert_here)
+    if landed != dst.location:
+        await ensure_blob(ctx, RegistryEnd(dst.client, landed), dst, new)
     return new, "moved" if ran else "shared"
 
 
