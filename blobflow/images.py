@@ -28,8 +28,15 @@ from .errors import (
     RegistryError,
 )
 from .progress import Event
-from .transfer import Context, ImageEnd, LayoutEnd, RawManifest, RegistryEnd, ensure_blob, retrying
-from .transfer.convert import Conversion, convert_layer, fetch_config, plan_conversion, rewrite_manifests
+from .transfer import Context, ImageEnd, LayoutEnd, Outcome, RawManifest, RegistryEnd, ensure_blob, retrying
+from .transfer.convert import (
+    Conversion,
+    convert_layer,
+    fetch_config,
+    plan_conversion,
+    predict_conversion,
+    rewrite_manifests,
+)
 from .types import Descriptor, Digest, Reference
 
 __all__ = ["CONVERTED_FROM", "CONVERTED_TO", "PLATFORMS", "PLATFORMS_FROM", "ImageOutcome", "Platform",
@@ -248,12 +255,17 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
             f"{src_ref or src!s}: {len(left)} foreign layer(s) left at their URLs, not copied (as docker, "
             "skopeo and crane do)")))
     conversion: Conversion = {}
+    predicted: list[asyncio.Future[tuple[Descriptor, Outcome]]] = []
+    if convert is not None and not isinstance(dst, RegistryEnd):
+        raise BadInputError("layers are recompressed only on the way to a registry")
     if convert is not None and not dry_run:
-        if not isinstance(dst, RegistryEnd):
-            raise BadInputError("layers are recompressed only on the way to a registry")
         conversion = await retrying(ctx, str(src), lambda: plan_conversion(src, manifests, convert))
         for dg in conversion:
             blobs.pop(dg, None)
+    elif convert is not None:  # a dry run: HEADs of the source's digests say nothing of converted ones
+        for d in [d for d in blobs.values() if convert.wants(d)]:
+            del blobs[d.digest]
+            predicted.append(ctx.scheduler.spawn(predict_conversion(ctx, dst, d, convert)))  # type: ignore[arg-type]
     if isinstance(dst, RegistryEnd):
         preflight_sizes(ctx.config, dst.client.registry, list(blobs.values()))
     futures = [ctx.scheduler.spawn(ensure_blob(ctx, src, dst, d, dry_run=dry_run)) for d in blobs.values()]
@@ -261,14 +273,15 @@ async def transfer_image(ctx: Context, src: ImageEnd, src_ref: Reference | str |
                   for dg, (d, diff) in conversion.items()}
     outcomes: Counter[str] = Counter()
     moved_bytes = 0
-    if futures or converting:
-        pending: list[asyncio.Future[Any]] = [*converting.values(), *futures]
+    if futures or converting or predicted:
+        pending: list[asyncio.Future[Any]] = [*converting.values(), *futures, *predicted]
         await asyncio.wait(pending)
         errors = [f.exception() for f in pending if not f.cancelled() and f.exception() is not None]
         if errors:
             raise errors[0]  # type: ignore[misc]
         done = [(d, f.result()) for d, f in zip(blobs.values(), futures, strict=True)]
         done += [(conversion[dg][0], f.result()[1]) for dg, f in converting.items()]
+        done += [f.result() for f in predicted]
         for d, outcome in done:  # a converted layer counts with its source size, as its progress did
             outcomes[outcome] += 1
             moved_bytes += d.size if outcome == "moved" else 0

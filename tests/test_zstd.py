@@ -340,6 +340,26 @@ async def test_a_layer_converted_for_two_repositories_of_a_registry_is_sent_once
     assert a.digest == b.digest and [d.media_type for d in a.blobs()[1:]] == [ZSTD, ZSTD]
 
 
+async def test_a_dry_run_with_recompress_says_what_the_run_does(
+        registry: LocalRegistry, registry2: LocalRegistry, tmp_path: Path) -> None:
+    """The dry run judged the source's gzip digests by HEAD: with the image already in another
+    repository of the destination it said 0 blobs moved, 2 mounted, 0 bytes, where the run then
+    converted and sent the layers (found by a helper)."""
+    build_image(tmp_path / "src", "1.0", [64 * KiB, 48 * KiB], seed=71)
+    await blobflow.Client().push(tmp_path / "src", f"{registry.host}/lib/dry:1.0")
+    await blobflow.Client().push(tmp_path / "src", f"{registry2.host}/plain/dry:1.0")  # gzip, as it is
+    plan = parse_plan({"defaults": {"recompress": "zstd"}, "mirror": [
+        {"source": f"{registry.host}/lib/dry", "destination": f"{registry2.host}/z/dry", "tags": ["1.0"]}]})
+    client = blobflow.Client()
+
+    dry = (await client.mirror(plan, dry_run=True)).images[0]
+    run = (await client.mirror(plan)).images[0]
+
+    assert (dry.status, run.status) == ("would copy", "copied")
+    assert (dry.blobs, dry.bytes, dry.skipped, dry.mounted) == (run.blobs, run.bytes, run.skipped, run.mounted)
+    assert run.bytes >= (64 + 48) * KiB and run.mounted == 1  # the layers converted and sent, the config mounted
+
+
 def statuses(mirror_output: str) -> list[str]:
     """Each image line's status: '  up to date  SRC -> DST' / '    copied  SRC -> DST  (...)'."""
     return [line.split("  ")[0].strip() or line.split()[0] for line in mirror_output.splitlines() if " -> " in line]

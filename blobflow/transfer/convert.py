@@ -103,6 +103,17 @@ async def convert_layer(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Des
     return new, "moved" if ran else "shared"
 
 
+async def predict_conversion(ctx: Context, dst: RegistryEnd, desc: Descriptor,
+                             codec: Codec) -> tuple[Descriptor, Outcome]:
+    """What :func:`convert_layer` would do in a dry run: move the layer (its converted digest is
+    known only once it is converted), or share it when another image of the job converts it."""
+    async def would() -> tuple[Descriptor, str]:
+        return desc, dst.location
+
+    _, ran = await ctx.scheduler.submit_first((dst.key, "convert", str(codec), desc.digest), 0, would)
+    return desc, "moved" if ran else "shared"
+
+
 async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descriptor, diff_id: Digest,
                    codec: Codec) -> Descriptor:
     short = desc.digest.short
