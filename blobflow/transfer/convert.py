@@ -96,8 +96,7 @@ async def convert_layer(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Des
     async def convert_here() -> tuple[Descriptor, str]:
         return await _convert(ctx, src, dst, desc, diff_id, codec), dst.location
 
-    key = (dst.key, "convert", str(codec), desc.digest)
-    (new, landed), ran = await ctx.scheduler.submit_first(key, desc.size, convert_here)
+    (new, landed), ran = await ctx.scheduler.submit_first(_job_key(dst, desc, codec), desc.size, convert_here)
     if landed != dst.location:
         await ensure_blob(ctx, RegistryEnd(dst.client, landed), dst, new)
     return new, "moved" if ran else "shared"
@@ -110,8 +109,14 @@ async def predict_conversion(ctx: Context, dst: RegistryEnd, desc: Descriptor,
     async def would() -> tuple[Descriptor, str]:
         return desc, dst.location
 
-    _, ran = await ctx.scheduler.submit_first((dst.key, "convert", str(codec), desc.digest), 0, would)
+    _, ran = await ctx.scheduler.submit_first(_job_key(dst, desc, codec), 0, would)
     return desc, "moved" if ran else "shared"
+
+
+def _job_key(dst: RegistryEnd, desc: Descriptor, codec: Codec) -> tuple[str, str, str, Digest]:
+    """One conversion of a layer per destination registry and codec in a job: the run's and the
+    dry run's prediction must share it, or the prediction counts differently."""
+    return dst.key, "convert", str(codec), desc.digest
 
 
 async def _convert(ctx: Context, src: ImageEnd, dst: RegistryEnd, desc: Descriptor, diff_id: Digest,
