@@ -206,8 +206,8 @@ def _check_overlaps(entries: Sequence[MirrorEntry], origin: str) -> None:
         for j, b in enumerate(entries[i:], i + 1):
             if str(a.destination) != str(b.destination):
                 continue
-            if a.tags is None or b.tags is None or set(a.tags) & set(b.tags):
-                both = sorted(set(a.tags) & set(b.tags)) if a.tags is not None and b.tags is not None else []
+            both = None if a.tags is None or b.tags is None else sorted(set(a.tags) & set(b.tags))
+            if both is None or both:
                 raise BadInputError(f"{origin}: mirror entries {i} and {j} both write {a.destination}"
                                     + (f" (tags {', '.join(both)})" if both else "")
                                     + "; each run would overwrite the other's images")
