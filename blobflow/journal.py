@@ -113,7 +113,6 @@ class UploadRecord:
     owned: bool = True
     journal: Journal | None = field(default=None, repr=False)
     _lock: int = -1
-    _lock_path: Path | None = None
 
     def save(self) -> bool:
         """Write the record (when this upload owns it); False when it was not written."""
@@ -127,8 +126,7 @@ class UploadRecord:
 
     def release(self) -> None:
         if self._lock >= 0:
-            if self._lock_path is not None:  # deleted while still held: see _lock_file
-                self._lock_path.unlink(missing_ok=True)
+            self.file.with_suffix(".lock").unlink(missing_ok=True)  # deleted while still held: see _lock_file
             os.close(self._lock)
             self._lock = -1
 
@@ -288,7 +286,7 @@ class Journal:
         if lock is None:
             fresh.owned = False  # another upload of this blob holds the record
             return fresh
-        fresh._lock, fresh._lock_path = lock, file.with_suffix(".lock")
+        fresh._lock = lock
         data, warning = _read(file)
         if data is None:
             fresh.warning = warning
